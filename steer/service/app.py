@@ -1,0 +1,137 @@
+"""The FastAPI app factory and its thin routes.
+
+`create_app(settings, engine)` wires settings, engine, admission, metrics and errors. The
+engine is loaded in the background at startup, so `/health` can answer 503 while it loads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from steer import __version__
+from steer.engine import Engine, EngineNotReady
+from steer.service.admission import Admission
+from steer.service.errors import APIError, install_error_handlers
+from steer.service.metrics import Metrics, MetricsMiddleware
+from steer.service.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+)
+from steer.service.serving import Serving
+from steer.service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class EngineState:
+    """Tracks the background engine start: loading, ready, or failed with a reason."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.ready = False
+        self.failure: str | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        try:
+            await self.engine.start()
+            self.ready = True
+        except Exception as exc:
+            self.failure = f"engine failed to start: {exc!r}"
+            logger.exception("engine failed to start")
+
+    def require(self) -> None:
+        if not self.ready:
+            raise EngineNotReady(self.failure or "the model is still loading")
+
+
+def create_app(settings: Settings, engine: Engine) -> FastAPI:
+    metrics = Metrics()
+    admission = Admission(settings.max_concurrent_requests, settings.max_queued_requests, metrics)
+    state = EngineState(engine)
+    serving = Serving(engine, settings, metrics, admission)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.task = asyncio.create_task(state.start())
+        try:
+            yield
+        finally:
+            state.task.cancel()
+            await engine.shutdown()
+
+    app = FastAPI(title="Steer", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.engine_state = state
+    app.state.admission = admission
+    app.state.metrics = metrics
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    install_error_handlers(app)
+
+    def authorized(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        expected = settings.api_key.get_secret_value()
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(),
+                                                                     expected.encode()):
+            raise APIError(
+                401, "Incorrect API key provided.", type="invalid_request_error",
+                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    def ready() -> None:
+        state.require()
+
+    generation = [Depends(authorized), Depends(ready)]
+
+    @app.post("/v1/chat/completions", dependencies=generation)
+    async def chat(body: ChatCompletionRequest, request: Request) -> Any:
+        return await serving.chat(body, request)
+
+    @app.post("/v1/completions", dependencies=generation)
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        return await serving.completion(body, request)
+
+    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    async def models() -> ModelList:
+        root = settings.model or engine.model_name
+        return ModelList(data=[ModelCard(
+            id=engine.model_name, created=0, root=root, max_model_len=engine.max_model_len
+        )])
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if admission.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        if not state.ready:
+            status = "failed" if state.failure else "loading"
+            return JSONResponse({"status": status, "detail": state.failure}, status_code=503)
+        h = await engine.health()
+        metrics.engine_up.set(1 if h.ok else 0)
+        if not h.ok:
+            return JSONResponse({"status": "unhealthy", "detail": h.detail}, status_code=503)
+        return JSONResponse({"status": "ok", "model": engine.model_name})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        if state.ready:
+            h = await engine.health()
+            metrics.engine_up.set(1 if h.ok else 0)
+            metrics.engine_running.set(h.running_requests)
+        else:
+            metrics.engine_up.set(0)
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app

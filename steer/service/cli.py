@@ -1,0 +1,165 @@
+"""The `steer` command: `steer serve` and `steer models prepare`.
+
+Flags override `STEER_*` environment variables; both feed one frozen `Settings`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import threading
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from steer.engine.default_model import ModelPrepError, prepare_default_model
+from steer.engine.vllm_engine import VllmEngine, VllmEngineConfig
+from steer.service.admission import Admission
+from steer.service.app import create_app
+from steer.service.settings import Settings
+
+logger = logging.getLogger("steer")
+
+# CLI flag -> Settings field, for `steer serve`.
+SERVE_FLAGS: dict[str, dict[str, Any]] = {
+    "host": {"help": "bind address (default 127.0.0.1)"},
+    "port": {"type": int, "help": "port (default 8000)"},
+    "model": {"help": "local HF checkpoint dir (default: the embedded SmolLM2-135M-Instruct)"},
+    "served_model_name": {"help": "model name clients send (default: derived from the model)"},
+    "cache_dir": {"help": "where the converted default model lives (~/.cache/steer)"},
+    "max_model_len": {"type": int, "help": "context window in tokens (8192)"},
+    "kv_cache_gib": {"type": float, "help": "KV cache size on CPU in GiB (2)"},
+    "dtype": {"help": "weights dtype (bfloat16)"},
+    "max_concurrent_requests": {"type": int, "help": "requests served at once (64)"},
+    "max_queued_requests": {"type": int, "help": "requests waiting beyond that (256)"},
+    "max_n": {"type": int, "help": "largest n a request may ask for (16)"},
+    "max_tokens_cap": {"type": int, "help": "largest max_tokens a request may ask for (4096)"},
+    "drain_timeout_s": {"type": float, "help": "SIGTERM: seconds to let requests finish (30)"},
+    "log_level": {"help": "debug, info, warning (info)"},
+}
+
+
+def engine_config(settings: Settings, model_path: str) -> VllmEngineConfig:
+    return VllmEngineConfig(
+        model=model_path,
+        served_model_name=settings.model_name(),
+        dtype=settings.dtype,
+        max_model_len=settings.max_model_len,
+        kv_cache_gib=settings.kv_cache_gib,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        enforce_eager=settings.enforce_eager,
+        enable_prefix_caching=settings.enable_prefix_caching,
+        max_num_seqs=settings.max_num_seqs,
+        enable_lora=settings.enable_lora,
+        max_loras=settings.max_loras,
+        max_lora_rank=settings.max_lora_rank,
+    )
+
+
+def resolve_model(settings: Settings) -> str:
+    """A local checkpoint dir, or the default model (converted on first use)."""
+    if settings.model:
+        return settings.model
+    return str(prepare_default_model(settings.cache_dir, progress=print))
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but SIGTERM first drains: new requests get 503, in-flight ones may finish
+    within the drain timeout, then the server exits with status 0. A second signal forces."""
+
+    def __init__(self, config: uvicorn.Config, admission: Admission, drain_timeout: float):
+        super().__init__(config)
+        self.admission = admission
+        self.drain_timeout = drain_timeout
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: Any = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # subtle: not recorded in _captured_signals, so uvicorn does not re-raise the signal
+        # after shutdown and the process exits 0.
+        if self.admission.draining or self.loop is None:
+            self.should_exit = True
+            self.force_exit = self.admission.draining
+            return
+        logger.info("signal %s: draining (up to %.0fs)", signal.Signals(sig).name,
+                    self.drain_timeout)
+        self.admission.start_draining()
+        self.loop.call_soon_threadsafe(lambda: self.loop and self.loop.create_task(self._drain()))
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.drain_timeout
+        while self.admission.in_flight and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        if self.admission.in_flight:
+            logger.warning("drain timeout: %d request(s) cut off", self.admission.in_flight)
+        self.should_exit = True
+
+
+def serve(settings: Settings) -> int:
+    try:
+        model_path = resolve_model(settings)
+    except ModelPrepError as exc:
+        print(f"steer: {exc}", file=sys.stderr)
+        return 2
+    engine = VllmEngine(engine_config(settings, model_path))
+    app = create_app(settings, engine)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level,
+        timeout_graceful_shutdown=5, access_log=False,
+    )
+    server = DrainingServer(config, app.state.admission, settings.drain_timeout_s)
+    assert threading.current_thread() is threading.main_thread()
+    server.run()
+    return 0
+
+
+def prepare(settings: Settings) -> int:
+    try:
+        path = prepare_default_model(settings.cache_dir, progress=print)
+    except ModelPrepError as exc:
+        print(f"steer: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="steer", description="Steer: OpenAI-compatible inference-time steering over vLLM."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve_p = sub.add_parser("serve", help="start the OpenAI-compatible server")
+    for name, kw in SERVE_FLAGS.items():
+        serve_p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, **kw)
+    models_p = sub.add_parser("models", help="manage models")
+    models_sub = models_p.add_subparsers(dest="models_command", required=True)
+    prep_p = models_sub.add_parser(
+        "prepare", help="convert the embedded default model once (idempotent)"
+    )
+    prep_p.add_argument("--cache-dir", dest="cache_dir", default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items()
+                 if v is not None and k not in ("command", "models_command")}
+    settings = Settings(**overrides)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.command == "serve":
+        return serve(settings)
+    return prepare(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

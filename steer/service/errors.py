@@ -1,0 +1,145 @@
+"""The one table from exception to HTTP status and OpenAI error shape.
+
+Inner layers raise their own exceptions (`steer.engine.base`); the service raises `APIError`
+for what only HTTP knows (auth, admission, unknown model). Everything leaves as
+`{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from steer.engine import (
+    EngineDead,
+    EngineError,
+    EngineNotReady,
+    EngineRequestError,
+    PromptTooLong,
+    UnknownAdapter,
+)
+from steer.service.protocol import ErrorBody, ErrorResponse
+
+logger = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An error the client should see as is."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+    def body(self) -> ErrorResponse:
+        return ErrorResponse(
+            error=ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code)
+        )
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(
+            self.body().model_dump(), status_code=self.status, headers=self.headers
+        )
+
+
+def bad_request(message: str, param: str | None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def from_engine_error(exc: EngineError, prompt_param: str = "messages") -> APIError:
+    """Translate an engine exception (the table)."""
+    if isinstance(exc, PromptTooLong):
+        param = prompt_param if exc.prompt_alone_too_long else "max_tokens"
+        return APIError(400, str(exc), param=param, code="context_length_exceeded")
+    if isinstance(exc, EngineNotReady):
+        return APIError(
+            503, f"The model is not ready: {exc}", type="service_unavailable",
+            code="engine_not_ready", headers={"Retry-After": "5"},
+        )
+    if isinstance(exc, EngineDead):
+        return APIError(
+            503, f"The engine is unavailable: {exc}", type="service_unavailable",
+            code="engine_dead",
+        )
+    if isinstance(exc, UnknownAdapter):
+        return APIError(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, EngineRequestError):
+        return APIError(400, str(exc), param=None)
+    return APIError(500, f"engine error: {exc}", type="internal_error")
+
+
+def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
+    parts = [str(p) for p in loc if p != "body"]
+    # Drop pydantic's union-member tags ("str", "list[TextPart]", "function-after[...]").
+    parts = [p for p in parts if not (p.endswith("]") or p in {"str", "int", "float", "bool"})]
+    return ".".join(parts) or None
+
+
+def validation_error(exc: RequestValidationError) -> APIError:
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return bad_request(
+            "We could not parse the JSON body of your request: "
+            f"{first.get('ctx', {}).get('error', 'invalid JSON')}",
+            param=None,
+            code="invalid_json",
+        )
+    if first.get("type") == "extra_forbidden":
+        param = _loc_to_param(tuple(first.get("loc", ())))
+        return bad_request(f"Unrecognized request argument supplied: {param}", param=param)
+    if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
+        return bad_request("The request body must be a JSON object.", param=None)
+    param = _loc_to_param(tuple(first.get("loc", ())))
+    msg = str(first.get("msg", "invalid value"))
+    message = f"Invalid value for '{param}': {msg}" if param else msg
+    return bad_request(message, param=param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api(_: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(EngineError)
+    async def _engine(_: Request, exc: EngineError) -> JSONResponse:
+        return from_engine_error(exc).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return APIError(exc.status_code, str(exc.detail), type=kind).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error")
+        return APIError(500, f"Internal server error: {type(exc).__name__}",
+                        type="internal_error").response()
+
+
+def sse_error(err: APIError) -> str:
+    """An error inside an already-started stream, as vLLM and OpenAI send it."""
+    return json.dumps(err.body().model_dump())

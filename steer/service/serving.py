@@ -1,0 +1,400 @@
+"""OpenAI chat and completions over an `Engine`: request -> engine call -> response or SSE.
+
+Owns the checks only HTTP knows (model name, server caps, the reserved `steering` field),
+admission, cancel-on-disconnect and token metrics. Generation itself is the engine's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from sse_starlette import EventSourceResponse
+from starlette.requests import Request
+
+from steer.engine import (
+    Engine,
+    EngineError,
+    Generation,
+    Message,
+    Prompt,
+    SamplingParams,
+    StreamDelta,
+    StreamEnd,
+    TokenLogprob,
+)
+from steer.service.admission import Admission
+from steer.service.errors import APIError, bad_request, from_engine_error, sse_error
+from steer.service.metrics import Metrics
+from steer.service.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChoiceLogprobs,
+    ChunkChoice,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    Delta,
+    LogprobEntry,
+    SteeringSpec,
+    TopLogprobEntry,
+    Usage,
+    new_id,
+    now,
+)
+from steer.service.settings import Settings
+
+T = TypeVar("T")
+CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+AVAILABLE_STRATEGIES = ("none",)
+
+
+@dataclass
+class Serving:
+    engine: Engine
+    settings: Settings
+    metrics: Metrics
+    admission: Admission
+
+    # -- checks ------------------------------------------------------------------------------
+
+    def check_model(self, model: str) -> None:
+        if model != self.engine.model_name:
+            raise APIError(
+                404,
+                f"The model '{model}' does not exist. Available: {self.engine.model_name}",
+                type="not_found_error", param="model", code="model_not_found",
+            )
+
+    def sampling(
+        self,
+        req: ChatCompletionRequest | CompletionRequest,
+        max_tokens: tuple[str, int | None],
+        logprobs: int | None,
+    ) -> SamplingParams:
+        field, limit = max_tokens
+        if req.n > self.settings.max_n:
+            raise bad_request(f"n must be at most {self.settings.max_n} on this server", "n")
+        if limit is not None and limit > self.settings.max_tokens_cap:
+            raise bad_request(
+                f"{field} must be at most {self.settings.max_tokens_cap} on this server", field
+            )
+        if limit is None:
+            limit = self.settings.max_tokens_cap  # and the engine clamps it to the context
+            clamp = True
+        else:
+            clamp = False
+        return SamplingParams(
+            max_tokens=None if clamp else limit,
+            n=req.n,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=0 if req.top_k in (None, -1) else req.top_k,
+            min_p=req.min_p or 0.0,
+            repetition_penalty=req.repetition_penalty or 1.0,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            stop=req.stop_list(),
+            seed=req.seed,
+            logprobs=logprobs,
+        )
+
+    @staticmethod
+    def check_steering(spec: SteeringSpec | None) -> None:
+        if spec is None:
+            return
+        if spec.strategy not in AVAILABLE_STRATEGIES:
+            raise bad_request(
+                f"Unknown steering strategy '{spec.strategy}'. Strategies available: "
+                + ", ".join(AVAILABLE_STRATEGIES),
+                "steering.strategy",
+            )
+        for name in ("options", "critic", "budget"):
+            if getattr(spec, name):
+                raise bad_request(f"strategy 'none' takes no {name}", f"steering.{name}")
+        if spec.trace:
+            raise bad_request("strategy 'none' has no trace", "steering.trace")
+
+    # -- chat --------------------------------------------------------------------------------
+
+    async def chat(self, req: ChatCompletionRequest, http: Request) -> Any:
+        self.check_model(req.model)
+        self.check_steering(req.steering)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        params = self.sampling(req, req.max_tokens_field(), logprobs)
+        messages = [_message(m.role, m.text()) for m in req.messages]
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return await self._stream(
+                messages, params, CHAT, "messages", include_usage,
+                lambda: ChatRenderer(req.model),
+            )
+        gens = await self._generate(http, [messages], params, CHAT, "messages")
+        return ChatCompletion(
+            id=new_id("chatcmpl"),
+            created=now(),
+            model=req.model,
+            choices=[
+                ChatChoice(
+                    index=g.index,
+                    message=AssistantMessage(content=g.text),
+                    logprobs=_chat_logprobs(g.logprobs),
+                    finish_reason=g.finish_reason,
+                )
+                for g in gens
+            ],
+            usage=_usage(gens),
+        )
+
+    # -- completions -------------------------------------------------------------------------
+
+    async def completion(self, req: CompletionRequest, http: Request) -> Any:
+        self.check_model(req.model)
+        self.check_steering(req.steering)
+        if req.echo and req.logprobs is not None:
+            raise bad_request("echo with logprobs is not supported", "echo")
+        prompts = req.prompts()
+        params = self.sampling(req, ("max_tokens", req.max_tokens), req.logprobs)
+        if req.stream:
+            if len(prompts) > 1:
+                raise bad_request("streaming supports one prompt at a time", "prompt")
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            echo = prompts[0] if req.echo else ""
+            return await self._stream(
+                prompts[0], params, COMPLETIONS, "prompt", include_usage,
+                lambda: CompletionRenderer(req.model, echo),
+            )
+        gens = await self._generate(http, list(prompts), params, COMPLETIONS, "prompt")
+        return Completion(
+            id=new_id("cmpl"),
+            created=now(),
+            model=req.model,
+            choices=[
+                CompletionChoice(
+                    index=g.prompt_index * params.n + g.index,
+                    text=(prompts[g.prompt_index] if req.echo else "") + g.text,
+                    logprobs=_completion_logprobs(g.logprobs),
+                    finish_reason=g.finish_reason,
+                )
+                for g in gens
+            ],
+            usage=_usage(gens),
+        )
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    async def _generate(
+        self, http: Request, prompts: list[Prompt], params: SamplingParams, route: str,
+        prompt_param: str,
+    ) -> list[Generation]:
+        ticket = await self.admission.acquire()
+        rid = new_id("req")
+        start = time.perf_counter()
+        try:
+            gens = await cancel_on_disconnect(
+                http, lambda: self.engine.generate(prompts, params, request_id=rid),
+                on_cancel=lambda: self.engine.abort(rid),
+            )
+        except EngineError as exc:
+            raise from_engine_error(exc, prompt_param) from exc
+        finally:
+            self.admission.release(ticket)
+        usage = _usage(gens)
+        self.metrics.count_tokens(route, usage.prompt_tokens, usage.completion_tokens)
+        # Non-streamed: the first token reaches the client with the last.
+        self.metrics.ttft.labels(route).observe(time.perf_counter() - start)
+        return gens
+
+    async def _stream(
+        self, prompt: Prompt, params: SamplingParams, route: str, prompt_param: str,
+        include_usage: bool, renderer: Callable[[], Renderer],
+    ) -> EventSourceResponse:
+        ticket = await self.admission.acquire()
+        rid = new_id("req")
+        start = time.perf_counter()
+        stream = self.engine.stream(prompt, params, request_id=rid)
+        try:
+            # Pull the first item before answering, so a refusal (prompt too long, engine
+            # down) is a proper HTTP error instead of an error inside a 200 stream.
+            first = await anext(stream)
+        except EngineError as exc:
+            self.admission.release(ticket)
+            raise from_engine_error(exc, prompt_param) from exc
+        except BaseException:
+            self.admission.release(ticket)
+            raise
+        self.metrics.ttft.labels(route).observe(time.perf_counter() - start)
+        out = renderer()
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                for event in out.start(params.n):
+                    yield event
+                item: StreamDelta | StreamEnd | None = first
+                while item is not None:
+                    if isinstance(item, StreamEnd):
+                        self.metrics.count_tokens(route, item.prompt_tokens,
+                                                  item.completion_tokens)
+                        if include_usage:
+                            yield out.usage(Usage.of(item.prompt_tokens, item.completion_tokens))
+                        break
+                    for event in out.delta(item):
+                        yield event
+                    item = await anext(stream, None)
+                yield "[DONE]"
+            except EngineError as exc:
+                yield sse_error(from_engine_error(exc, prompt_param))
+            finally:
+                await stream.aclose()  # on a client disconnect this aborts the engine request
+                self.admission.release(ticket)
+
+        return EventSourceResponse(events(), ping=15)
+
+
+async def cancel_on_disconnect(
+    http: Request, work: Callable[[], Awaitable[T]], on_cancel: Callable[[], Awaitable[None]],
+) -> T:
+    """Run `work` until it finishes or the client goes away; then cancel and abort it."""
+    task = asyncio.ensure_future(work())
+
+    async def disconnected() -> None:
+        # The body is already read: the next ASGI message is the disconnect.
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await on_cancel()
+    if task.cancelled():
+        raise APIError(499, "client disconnected", type="client_closed_request")
+    return task.result()
+
+
+# -- rendering --------------------------------------------------------------------------------
+
+
+class Renderer:
+    def start(self, n: int) -> list[str]:
+        return []
+
+    def delta(self, d: StreamDelta) -> list[str]:
+        raise NotImplementedError
+
+    def usage(self, usage: Usage) -> str:
+        raise NotImplementedError
+
+
+class ChatRenderer(Renderer):
+    def __init__(self, model: str) -> None:
+        self.id, self.created, self.model = new_id("chatcmpl"), now(), model
+
+    def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> str:
+        return ChatCompletionChunk(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
+        ).model_dump_json()
+
+    def start(self, n: int) -> list[str]:
+        return [
+            self._chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
+            for i in range(n)
+        ]
+
+    def delta(self, d: StreamDelta) -> list[str]:
+        events = []
+        if d.text or d.logprobs:
+            events.append(self._chunk([ChunkChoice(
+                index=d.index, delta=Delta(content=d.text), logprobs=_chat_logprobs(d.logprobs)
+            )]))
+        if d.finish_reason:
+            events.append(self._chunk(
+                [ChunkChoice(index=d.index, delta=Delta(), finish_reason=d.finish_reason)]
+            ))
+        return events
+
+    def usage(self, usage: Usage) -> str:
+        return self._chunk([], usage)
+
+
+class CompletionRenderer(Renderer):
+    def __init__(self, model: str, echo: str) -> None:
+        self.id, self.created, self.model = new_id("cmpl"), now(), model
+        self.echo = echo
+
+    def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+        return Completion(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
+        ).model_dump_json()
+
+    def start(self, n: int) -> list[str]:
+        if not self.echo:
+            return []
+        return [
+            self._chunk([CompletionChoice(index=i, text=self.echo, finish_reason=None)])
+            for i in range(n)
+        ]
+
+    def delta(self, d: StreamDelta) -> list[str]:
+        return [self._chunk([CompletionChoice(
+            index=d.index, text=d.text, logprobs=_completion_logprobs(d.logprobs),
+            finish_reason=d.finish_reason,
+        )])]
+
+    def usage(self, usage: Usage) -> str:
+        return self._chunk([], usage)
+
+
+def _message(role: str, content: str) -> Message:
+    return Message(role="system" if role == "developer" else role, content=content)  # type: ignore[arg-type]
+
+
+def _usage(gens: list[Generation]) -> Usage:
+    # A prompt is counted once however many sequences it produced (OpenAI's convention).
+    prompt = sum({g.prompt_index: g.prompt_tokens for g in gens}.values())
+    return Usage.of(prompt, sum(g.completion_tokens for g in gens))
+
+
+def _bytes(token: str) -> list[int]:
+    return list(token.encode("utf-8"))
+
+
+def _chat_logprobs(lps: tuple[TokenLogprob, ...] | None) -> ChoiceLogprobs | None:
+    if lps is None:
+        return None
+    return ChoiceLogprobs(content=[
+        LogprobEntry(
+            token=t.token, logprob=t.logprob, bytes=_bytes(t.token),
+            top_logprobs=[
+                TopLogprobEntry(token=x.token, logprob=x.logprob, bytes=_bytes(x.token))
+                for x in t.top
+            ],
+        )
+        for t in lps
+    ])
+
+
+def _completion_logprobs(lps: tuple[TokenLogprob, ...] | None) -> CompletionLogprobs | None:
+    if lps is None:
+        return None
+    offsets, pos = [], 0
+    for t in lps:
+        offsets.append(pos)
+        pos += len(t.token)
+    return CompletionLogprobs(
+        tokens=[t.token for t in lps],
+        token_logprobs=[t.logprob for t in lps],
+        top_logprobs=[{x.token: x.logprob for x in t.top} for t in lps],
+        text_offset=offsets,
+    )
+
