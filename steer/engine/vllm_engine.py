@@ -112,7 +112,9 @@ class VllmEngine(Engine):
             max_logprobs=MAX_LOGPROBS,
             **extra,
         )
-        self._llm = AsyncLLM.from_engine_args(args)
+        # Loading takes tens of seconds and blocks; a thread keeps the event loop answering
+        # (e.g. /health says "loading") meanwhile.
+        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         self._tokenizer = self._llm.get_tokenizer()
         logger.info("vLLM engine ready: %s (max_model_len=%d)", cfg.model, cfg.max_model_len)
 

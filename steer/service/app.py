@@ -39,6 +39,7 @@ class EngineState:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.ready = False
+        self.ready_event = asyncio.Event()
         self.failure: str | None = None
         self.task: asyncio.Task[None] | None = None
 
@@ -46,6 +47,7 @@ class EngineState:
         try:
             await self.engine.start()
             self.ready = True
+            self.ready_event.set()
         except Exception as exc:
             self.failure = f"engine failed to start: {exc!r}"
             logger.exception("engine failed to start")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -87,16 +88,32 @@ def from_engine_error(exc: EngineError, prompt_param: str = "messages") -> APIEr
     return APIError(500, f"engine error: {exc}", type="internal_error")
 
 
+_FIELD = re.compile(r"^[a-z_][a-z0-9_]*$")
+_TYPE_TAGS = {"body", "str", "int", "float", "bool", "list", "dict", "none"}
+
+
 def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
-    parts = [str(p) for p in loc if p != "body"]
-    # Drop pydantic's union-member tags ("str", "list[TextPart]", "function-after[...]").
-    parts = [p for p in parts if not (p.endswith("]") or p in {"str", "int", "float", "bool"})]
+    # Keep field names and list indexes; drop pydantic's union-member tags
+    # ("constrained-str", "list[TextPart]", "function-after[...]", "TextPart").
+    parts = [
+        str(p) for p in loc
+        if isinstance(p, int) or (isinstance(p, str) and _FIELD.match(p) and p not in _TYPE_TAGS)
+    ]
     return ".".join(parts) or None
 
 
 def validation_error(exc: RequestValidationError) -> APIError:
     errors = exc.errors()
-    first = errors[0] if errors else {}
+    # With unions pydantic reports one error per member; the deepest is the most specific.
+    # An unknown field inside a union member usually means "wrong member": prefer the others.
+    first: dict[str, Any] = max(
+        errors,
+        key=lambda e: (e.get("type") != "extra_forbidden",
+                       len(_loc_to_param(tuple(e.get("loc", ()))) or "")),
+        default={},
+    )
+    if any(e.get("type") == "json_invalid" for e in errors):
+        first = next(e for e in errors if e.get("type") == "json_invalid")
     if first.get("type") == "json_invalid":
         return bad_request(
             "We could not parse the JSON body of your request: "

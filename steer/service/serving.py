@@ -272,12 +272,16 @@ async def cancel_on_disconnect(
     watcher = asyncio.ensure_future(disconnected())
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        await on_cancel()
+        raise
     finally:
         watcher.cancel()
-        if not task.done():
-            task.cancel()
-            await on_cancel()
-    if task.cancelled():
+    if not task.done():
+        task.cancel()
+        await on_cancel()
+        await asyncio.wait({task})  # let the cancellation land before answering
         raise APIError(499, "client disconnected", type="client_closed_request")
     return task.result()
 

@@ -1,0 +1,41 @@
+"""Shared fixtures: the scripted engine and the app in-process over httpx.ASGITransport."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+from steer.service.app import create_app
+from steer.service.settings import Settings
+from tests.fakes import FakeEngine
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def fake_engine() -> FakeEngine:
+    return FakeEngine()
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings(max_n=4, max_tokens_cap=32, max_concurrent_requests=2, max_queued_requests=1)
+
+
+@pytest.fixture
+async def client(fake_engine: FakeEngine, settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings, fake_engine)
+    async with LifespanManager(app) as manager:
+        # The engine starts in a background task; wait until the app has seen it.
+        await app.state.engine_state.ready_event.wait()
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://steer") as c:
+            c.app = app  # type: ignore[attr-defined]
+            yield c
+

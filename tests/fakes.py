@@ -1,0 +1,158 @@
+"""A scripted `Engine` for fast unit tests: `enqueue()` answers, read `history` afterwards.
+
+Tokens are whitespace-separated words, so counts in assertions are easy to derive by hand.
+Never used instead of the real engine in integration tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+
+from steer.engine import (
+    AdapterRef,
+    Capabilities,
+    Engine,
+    EngineHealth,
+    EngineNotReady,
+    Generation,
+    Prompt,
+    PromptTooLong,
+    SamplingParams,
+    StreamDelta,
+    StreamEnd,
+    TokenLogprob,
+    TopLogprob,
+)
+
+
+@dataclass(frozen=True)
+class Call:
+    kind: str  # "generate" or "stream"
+    prompts: tuple[Prompt, ...]
+    params: SamplingParams
+    adapter: AdapterRef | None
+    request_id: str | None
+
+
+def _text_of(prompt: Prompt) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return " ".join(m.content for m in prompt)
+
+
+class FakeEngine(Engine):
+    def __init__(self, model_name: str = "fake-model", max_model_len: int = 64) -> None:
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.capabilities = Capabilities(lora=True)
+        self.answers: deque[str] = deque()
+        self.history: list[Call] = []
+        self.aborted: list[str] = []
+        self.started = asyncio.Event()
+        self.release_start: asyncio.Event | None = None  # set it to hold start() open
+        self.hold: asyncio.Event | None = None  # set it to hold every generation open
+        self.alive = True
+        self.default_answer = "ok"
+
+    def enqueue(self, *answers: str) -> None:
+        self.answers.extend(answers)
+
+    def _next(self) -> str:
+        return self.answers.popleft() if self.answers else self.default_answer
+
+    async def start(self) -> None:
+        if self.release_start is not None:
+            await self.release_start.wait()
+        self.started.set()
+
+    async def shutdown(self) -> None:
+        self.alive = False
+
+    def count_prompt_tokens(self, prompt: Prompt) -> int:
+        return len(_text_of(prompt).split())
+
+    def _fit(self, prompt: Prompt, params: SamplingParams) -> int:
+        n = self.count_prompt_tokens(prompt)
+        room = self.max_model_len - n
+        if room <= 0 or (params.max_tokens is not None and params.max_tokens > room):
+            raise PromptTooLong(n, params.max_tokens, self.max_model_len)
+        return room if params.max_tokens is None else params.max_tokens
+
+    def _answer(self, limit: int) -> tuple[list[str], str]:
+        words = self._next().split()
+        if len(words) > limit:
+            return words[:limit], "length"
+        return words, "stop"
+
+    @staticmethod
+    def _logprobs(words: list[str], k: int | None) -> tuple[TokenLogprob, ...] | None:
+        if k is None:
+            return None
+        return tuple(
+            TokenLogprob(w, -0.5, tuple(TopLogprob(f"{w}{j}" if j else w, -0.5 - j)
+                                        for j in range(k)))
+            for w in words
+        )
+
+    async def generate(
+        self,
+        prompts: Sequence[Prompt],
+        params: SamplingParams,
+        adapter: AdapterRef | None = None,
+        request_id: str | None = None,
+    ) -> list[Generation]:
+        if not self.alive:
+            raise EngineNotReady("fake engine stopped")
+        self.history.append(Call("generate", tuple(prompts), params, adapter, request_id))
+        limits = [self._fit(p, params) for p in prompts]
+        if self.hold is not None:
+            await self.hold.wait()
+        gens = []
+        for i, (prompt, limit) in enumerate(zip(prompts, limits, strict=True)):
+            for j in range(params.n):
+                words, finish = self._answer(limit)
+                gens.append(Generation(
+                    text=" ".join(words), prompt_tokens=self.count_prompt_tokens(prompt),
+                    completion_tokens=len(words), finish_reason=finish,  # type: ignore[arg-type]
+                    prompt_index=i, index=j, logprobs=self._logprobs(words, params.logprobs),
+                ))
+        return gens
+
+    async def stream(
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        adapter: AdapterRef | None = None,
+        request_id: str | None = None,
+    ) -> AsyncGenerator[StreamDelta | StreamEnd, None]:
+        if not self.alive:
+            raise EngineNotReady("fake engine stopped")
+        self.history.append(Call("stream", (prompt,), params, adapter, request_id))
+        limit = self._fit(prompt, params)
+        total = 0
+        try:
+            for j in range(params.n):
+                words, finish = self._answer(limit)
+                for k, w in enumerate(words):
+                    if self.hold is not None:
+                        await self.hold.wait()
+                    last = k == len(words) - 1
+                    total += 1
+                    yield StreamDelta(
+                        index=j, text=(" " if k else "") + w, new_tokens=1,
+                        logprobs=self._logprobs([w], params.logprobs),
+                        finish_reason=finish if last else None,  # type: ignore[arg-type]
+                    )
+        except GeneratorExit:
+            self.aborted.append(request_id or "")
+            raise
+        yield StreamEnd(prompt_tokens=self.count_prompt_tokens(prompt), completion_tokens=total)
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+    async def health(self) -> EngineHealth:
+        return EngineHealth(ok=self.alive, detail="" if self.alive else "stopped")
