@@ -1,5 +1,50 @@
 """Steering strategies and the request/result/trace/budget types they share.
 
-Empty until the steering-core issue: only pass-through (`none`) exists, served directly by
-`steer.service`. May import `steer.critics` and `steer.engine`, never `steer.service`.
+May import `steer.critics` and `steer.engine`, never `steer.service`. Importing this
+package registers the built-in strategies.
 """
+
+from steer.search import strategies
+from steer.search.aliases import from_optillm, split_model, with_reasoning_effort
+from steer.search.base import (
+    STRATEGIES,
+    Context,
+    FinalPrompt,
+    FinalText,
+    SteerResult,
+    Strategy,
+    StrategyOptions,
+    register_strategy,
+)
+from steer.search.runner import Limits, Plan, Progress, Steerer, SteeringSpec
+from steer.search.session import Budget, BudgetExhausted, SearchError, Session, SteeringInvalid
+from steer.search.templates import TemplateLibrary
+from steer.search.trace import Node, Trace
+
+__all__ = [
+    "STRATEGIES",
+    "Budget",
+    "BudgetExhausted",
+    "Context",
+    "FinalPrompt",
+    "FinalText",
+    "Limits",
+    "Node",
+    "Plan",
+    "Progress",
+    "SearchError",
+    "Session",
+    "SteerResult",
+    "Steerer",
+    "SteeringInvalid",
+    "SteeringSpec",
+    "Strategy",
+    "StrategyOptions",
+    "TemplateLibrary",
+    "Trace",
+    "from_optillm",
+    "register_strategy",
+    "split_model",
+    "strategies",
+    "with_reasoning_effort",
+]

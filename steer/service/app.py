@@ -17,7 +17,8 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from steer import __version__
-from steer.engine import Engine, EngineNotReady
+from steer.engine import AdapterRef, Engine, EngineNotReady
+from steer.search import Limits, Steerer, SteeringInvalid, TemplateLibrary
 from steer.service.admission import Admission
 from steer.service.errors import APIError, install_error_handlers
 from steer.service.metrics import Metrics, MetricsMiddleware
@@ -29,6 +30,7 @@ from steer.service.protocol import (
 )
 from steer.service.serving import Serving
 from steer.service.settings import Settings
+from steer.service.steering import SteeredChat
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +64,15 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     admission = Admission(settings.max_concurrent_requests, settings.max_queued_requests, metrics)
     state = EngineState(engine)
     serving = Serving(engine, settings, metrics, admission)
+    templates = TemplateLibrary(settings.templates_dir)
+    steerer = Steerer(
+        engine,
+        Limits(settings.steer_max_model_calls, settings.steer_max_total_tokens,
+               settings.steer_timeout_s),
+        templates,
+        resolve_adapter=lambda name: _adapter_by_name(engine, name),
+    )
+    chats = SteeredChat(serving, steerer, metrics, admission)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -100,7 +111,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=generation)
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
-        return await serving.chat(body, request)
+        return await chats.handle(body, request)
 
     @app.post("/v1/completions", dependencies=generation)
     async def completions(body: CompletionRequest, request: Request) -> Any:
@@ -112,6 +123,10 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
         return ModelList(data=[ModelCard(
             id=engine.model_name, created=0, root=root, max_model_len=engine.max_model_len
         )])
+
+    @app.get("/v1/steering/templates", dependencies=[Depends(authorized)])
+    async def list_templates() -> dict[str, Any]:
+        return {"object": "list", "data": templates.describe()}
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -137,3 +152,12 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+def _adapter_by_name(engine: Engine, name: str) -> AdapterRef:
+    for adapter in engine.adapters():
+        if adapter.name == name:
+            return adapter
+    known = ", ".join(a.name for a in engine.adapters()) or "none loaded"
+    raise SteeringInvalid(f"unknown adapter '{name}'; adapters: {known}",
+                          "steering.critic.adapter")

@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from steer.critics import CriticError
 from steer.engine import (
     EngineDead,
     EngineError,
@@ -25,6 +26,7 @@ from steer.engine import (
     PromptTooLong,
     UnknownAdapter,
 )
+from steer.search import BudgetExhausted, SearchError, SteeringInvalid
 from steer.service.protocol import ErrorBody, ErrorResponse
 
 logger = logging.getLogger(__name__)
@@ -92,6 +94,20 @@ _FIELD = re.compile(r"^[a-z_][a-z0-9_]*$")
 _TYPE_TAGS = {"body", "str", "int", "float", "bool", "list", "dict", "none"}
 
 
+def from_search_error(exc: Exception) -> APIError:
+    """Translate a search-layer (or engine) exception raised while steering."""
+    if isinstance(exc, SteeringInvalid):
+        return bad_request(str(exc), exc.param)
+    if isinstance(exc, BudgetExhausted):
+        return APIError(400, f"{exc}. Raise the budget or ask for less.",
+                        param="steering.budget", code="budget_exhausted")
+    if isinstance(exc, CriticError):
+        return bad_request(str(exc), "steering.critic")
+    if isinstance(exc, EngineError):
+        return from_engine_error(exc)
+    return APIError(500, f"steering failed: {exc!r}", type="internal_error")
+
+
 def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
     # Keep field names and list indexes; drop pydantic's union-member tags
     # ("constrained-str", "list[TextPart]", "function-after[...]", "TextPart").
@@ -140,6 +156,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineError)
     async def _engine(_: Request, exc: EngineError) -> JSONResponse:
         return from_engine_error(exc).response()
+
+    @app.exception_handler(SearchError)
+    async def _search(_: Request, exc: SearchError) -> JSONResponse:
+        return from_search_error(exc).response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -14,9 +14,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20)
-KNOWN_ROUTES = frozenset(
-    {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
-)
+KNOWN_ROUTES = frozenset({
+    "/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics",
+    "/v1/steering/templates",
+})
 
 
 class Metrics:
@@ -55,6 +56,29 @@ class Metrics:
         self.engine_running = Gauge(
             "steer_engine_requests_running", "Sequences unfinished inside the engine",
             registry=r,
+        )
+
+        self.strategy_requests = Counter(
+            "steer_strategy_requests", "Steered requests answered, by strategy", ["strategy"],
+            registry=r,
+        )
+        self.strategy_model_calls = Counter(
+            "steer_strategy_model_calls", "Model calls (generated sequences) spent", ["strategy"],
+            registry=r,
+        )
+        self.strategy_tokens = Counter(
+            "steer_strategy_tokens", "Prompt + completion tokens spent", ["strategy"], registry=r
+        )
+        self.strategy_latency = Histogram(
+            "steer_strategy_duration_seconds", "Steered request latency", ["strategy"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.strategy_budget_exhausted = Counter(
+            "steer_strategy_budget_exhausted", "Runs cut short by their budget", ["strategy"],
+            registry=r,
+        )
+        self.strategy_errors = Counter(
+            "steer_strategy_errors", "Steered requests that failed", ["strategy"], registry=r
         )
 
     def render(self) -> bytes:

@@ -27,14 +27,18 @@ class StreamOptions(_Request):
 
 
 class SteeringSpec(_Request):
-    """The `steering` field. Strategies arrive with the steering core; until then only
-    pass-through (`none`) exists. Options, critic, budget and trace are reserved."""
+    """The `steering` field: which strategy, its options, critic, budget, template, trace.
+    The search layer validates the contents (options per strategy, critic per name)."""
 
     strategy: str = "none"
     options: dict[str, Any] = Field(default_factory=dict)
     critic: dict[str, Any] | None = None
     budget: dict[str, Any] | None = None
+    template: dict[str, Any] | None = None
     trace: bool = False
+
+    def is_plain(self) -> bool:
+        return self == SteeringSpec()
 
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
@@ -101,6 +105,9 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # Other clients' ways to ask for steering (see steer.search.aliases).
+    optillm_approach: str | None = None
+    reasoning_effort: Literal["low", "medium", "high"] | None = None
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
@@ -139,10 +146,25 @@ def now() -> int:
     return int(time.time())
 
 
+class SteeringUsage(BaseModel):
+    model_calls: int
+    candidates: int
+    pruned: int
+    budget_exhausted: bool
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    steering: SteeringUsage | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_plain(self, handler: Any) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("steering") is None:
+            data.pop("steering", None)
+        return data
 
     @classmethod
     def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
@@ -188,6 +210,14 @@ class ChatCompletion(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
+    steering_trace: dict[str, Any] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_trace(self, handler: Any) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("steering_trace") is None:
+            data.pop("steering_trace", None)
+        return data
 
 
 class Delta(BaseModel):
@@ -215,6 +245,14 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChunkChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+    steering: dict[str, Any] | None = None  # search progress, on chunks with empty deltas
+
+    @model_serializer(mode="wrap")
+    def _omit_steering(self, handler: Any) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("steering") is None:
+            data.pop("steering", None)
+        return data
 
 
 class CompletionLogprobs(BaseModel):

@@ -16,6 +16,7 @@ from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 
 from steer.engine import (
+    AdapterRef,
     Engine,
     EngineError,
     Generation,
@@ -53,7 +54,6 @@ from steer.service.settings import Settings
 
 T = TypeVar("T")
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
-AVAILABLE_STRATEGIES = ("none",)
 
 
 @dataclass
@@ -65,13 +65,15 @@ class Serving:
 
     # -- checks ------------------------------------------------------------------------------
 
-    def check_model(self, model: str) -> None:
+    def check_model(self, model: str) -> AdapterRef | None:
+        """The adapter a model name selects (None: the base model); 404 for unknown names."""
         if model != self.engine.model_name:
             raise APIError(
                 404,
                 f"The model '{model}' does not exist. Available: {self.engine.model_name}",
                 type="not_found_error", param="model", code="model_not_found",
             )
+        return None
 
     def sampling(
         self,
@@ -108,28 +110,20 @@ class Serving:
 
     @staticmethod
     def check_steering(spec: SteeringSpec | None) -> None:
-        if spec is None:
-            return
-        if spec.strategy not in AVAILABLE_STRATEGIES:
+        if spec is not None and not spec.is_plain():
             raise bad_request(
-                f"Unknown steering strategy '{spec.strategy}'. Strategies available: "
-                + ", ".join(AVAILABLE_STRATEGIES),
-                "steering.strategy",
+                "steering strategies run on /v1/chat/completions; this endpoint only takes "
+                "{\"strategy\": \"none\"}", "steering",
             )
-        for name in ("options", "critic", "budget"):
-            if getattr(spec, name):
-                raise bad_request(f"strategy 'none' takes no {name}", f"steering.{name}")
-        if spec.trace:
-            raise bad_request("strategy 'none' has no trace", "steering.trace")
 
     # -- chat --------------------------------------------------------------------------------
 
     async def chat(self, req: ChatCompletionRequest, http: Request) -> Any:
+        """A plain (unsteered) chat completion."""
         self.check_model(req.model)
-        self.check_steering(req.steering)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self.sampling(req, req.max_tokens_field(), logprobs)
-        messages = [_message(m.role, m.text()) for m in req.messages]
+        messages = [to_message(m.role, m.text()) for m in req.messages]
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return await self._stream(
@@ -304,9 +298,11 @@ class ChatRenderer(Renderer):
     def __init__(self, model: str) -> None:
         self.id, self.created, self.model = new_id("chatcmpl"), now(), model
 
-    def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> str:
+    def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None,
+               steering: dict[str, Any] | None = None) -> str:
         return ChatCompletionChunk(
-            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage,
+            steering=steering,
         ).model_dump_json()
 
     def start(self, n: int) -> list[str]:
@@ -329,6 +325,16 @@ class ChatRenderer(Renderer):
 
     def usage(self, usage: Usage) -> str:
         return self._chunk([], usage)
+
+    def content(self, text: str) -> str:
+        return self._chunk([ChunkChoice(index=0, delta=Delta(content=text))])
+
+    def progress(self, event: dict[str, Any]) -> str:
+        return self._chunk([ChunkChoice(index=0, delta=Delta())], steering=event)
+
+    def finish(self, reason: str, steering: dict[str, Any] | None = None) -> str:
+        return self._chunk([ChunkChoice(index=0, delta=Delta(), finish_reason=reason)],
+                           steering=steering)
 
 
 class CompletionRenderer(Renderer):
@@ -359,7 +365,7 @@ class CompletionRenderer(Renderer):
         return self._chunk([], usage)
 
 
-def _message(role: str, content: str) -> Message:
+def to_message(role: str, content: str) -> Message:
     return Message(role="system" if role == "developer" else role, content=content)  # type: ignore[arg-type]
 
 

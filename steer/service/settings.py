@@ -46,6 +46,12 @@ class Settings(BaseSettings):
     max_tokens_cap: int = Field(4096, ge=1)
     drain_timeout_s: float = Field(30.0, ge=0)
 
+    # Steering: server-wide caps on one request's budget (requests may ask for less)
+    steer_max_model_calls: int = Field(64, ge=1)
+    steer_max_total_tokens: int = Field(32768, ge=1)
+    steer_timeout_s: float = Field(120.0, gt=0)
+    templates_dir: Path | None = Field(None, description="extra prompt templates (*.toml)")
+
     def model_name(self) -> str:
         if self.served_model_name:
             return self.served_model_name

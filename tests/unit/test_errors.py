@@ -123,20 +123,37 @@ async def test_streamed_refusal_is_an_http_error(client: httpx.AsyncClient) -> N
 
 
 @pytest.mark.parametrize(
-    ("steering", "param"),
+    ("steering", "param", "says"),
     [
-        ({"strategy": "tot"}, "steering.strategy"),
-        ({"strategy": "none", "options": {"n": 2}}, "steering.options"),
-        ({"strategy": "none", "budget": {"max_model_calls": 2}}, "steering.budget"),
-        ({"strategy": "none", "bogus": 1}, "steering.bogus"),
+        ({"strategy": "tot9"}, "steering.strategy", "best_of_n"),
+        ({"strategy": "best_of_n", "options": {"m": 2}}, "steering.options.m", "unknown option"),
+        ({"strategy": "best_of_n", "options": {"n": "2"}}, "steering.options.n", "integer"),
+        ({"strategy": "best_of_n", "options": {"n": 0}}, "steering.options.n", "greater"),
+        ({"strategy": "best_of_n", "critic": {"name": "oracle"}}, "steering.critic.name",
+         "llm_judge"),
+        ({"strategy": "best_of_n", "critic": {"name": "regex"}}, "steering.critic.pattern",
+         "required"),
+        ({"strategy": "best_of_n", "critic": {"name": "regex", "pattern": "("}},
+         "steering.critic.pattern", "invalid regex"),
+        ({"strategy": "none", "budget": {"max_model_calls": 0}},
+         "steering.budget.max_model_calls", "greater"),
+        ({"strategy": "none", "budget": {"max_model_calls": 65}},
+         "steering.budget.max_model_calls", "at most 64"),
+        ({"strategy": "none", "budget": {"tokens": 1}}, "steering.budget.tokens", "unknown"),
+        ({"strategy": "best_of_n", "options": {"n": 64},
+          "critic": {"name": "pairwise"}}, "steering.options", "model calls"),
+        ({"strategy": "template", "options": {"name": "nope"}}, "steering.options.name",
+         "chain_of_thought"),
+        ({"strategy": "template", "options": {"name": "few_shot"}},
+         "steering.options.variables.examples", "examples"),
+        ({"strategy": "none", "bogus": 1}, "steering.bogus", "Unrecognized"),
     ],
 )
-async def test_steering_is_reserved(
-    client: httpx.AsyncClient, steering: dict[str, Any], param: str
+async def test_steering_is_validated(
+    client: httpx.AsyncClient, steering: dict[str, Any], param: str, says: str
 ) -> None:
     err = assert_error(await client.post(CHAT, json=chat(steering=steering)), 400, param)
-    if param == "steering.strategy":
-        assert "available: none" in err["message"]
+    assert says in err["message"]
 
 
 async def test_steering_none_is_pass_through(

@@ -1,0 +1,99 @@
+"""Final-answer extraction from free text, shared by voting and exact-answer checks.
+
+Each extractor returns a normalized answer string, or None when the text has no answer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Literal
+
+Extractor = Literal["last_number", "answer_line", "choice", "regex"]
+EXTRACTORS: tuple[str, ...] = ("last_number", "answer_line", "choice", "regex")
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+_ANSWER_LINE = re.compile(
+    r"(?im)^[\s*#>-]*(?:the\s+)?(?:final\s+)?answer\s*(?:is)?\s*[:=]\s*(.+?)\s*$"
+)
+_CHOICE_MARKED = re.compile(
+    r"(?i)\b(?:answer|option|choice)\s*(?:is|:)?\s*\(?([A-E])\)?(?![A-Za-z])"
+)
+_CHOICE_ANY = re.compile(r"\(([A-E])\)|(?<![A-Za-z])([A-E])(?![A-Za-z])")
+
+
+def normalize_number(raw: str) -> str | None:
+    text = raw.replace(",", "").strip()
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    if value.is_integer():
+        return str(int(value))
+    return repr(round(value, 6)).rstrip("0").rstrip(".")
+
+
+def last_number(text: str) -> str | None:
+    for raw in reversed(_NUMBER.findall(text)):
+        number = normalize_number(raw)
+        if number is not None:
+            return number
+    return None
+
+
+def answer_line(text: str) -> str | None:
+    matches = _ANSWER_LINE.findall(text)
+    if not matches:
+        return None
+    answer = matches[-1].strip().strip("*").strip().rstrip(".").strip()
+    number = normalize_number(answer) if _NUMBER.fullmatch(answer.replace(" ", "")) else None
+    return number if number is not None else answer.lower() or None
+
+
+def choice(text: str) -> str | None:
+    marked = _CHOICE_MARKED.findall(text)
+    if marked:
+        return str(marked[-1]).upper()
+    found = _CHOICE_ANY.findall(text)
+    if not found:
+        return None
+    paren, bare = found[-1]
+    return str(paren or bare).upper()
+
+
+def by_regex(pattern: str) -> Callable[[str], str | None]:
+    compiled = re.compile(pattern)
+
+    def extract(text: str) -> str | None:
+        matches = list(compiled.finditer(text))
+        if not matches:
+            return None
+        m = matches[-1]
+        return (m.group(1) if m.groups() else m.group(0)).strip().lower() or None
+
+    return extract
+
+
+def extractor(kind: str, pattern: str | None = None) -> Callable[[str], str | None]:
+    if kind == "last_number":
+        return last_number
+    if kind == "answer_line":
+        return answer_line
+    if kind == "choice":
+        return choice
+    if kind == "regex":
+        if not pattern:
+            raise ValueError("extract 'regex' needs a 'pattern'")
+        return by_regex(pattern)
+    raise ValueError(f"unknown extractor {kind!r}; choose from {', '.join(EXTRACTORS)}")
+
+
+def normalize_reference(kind: str, reference: str | float) -> str:
+    """Put a client's reference answer in the same normal form as extracted answers."""
+    text = str(reference).strip()
+    if kind == "last_number":
+        return normalize_number(text) or text
+    if kind == "choice":
+        return text.strip("()").upper()
+    number = normalize_number(text) if _NUMBER.fullmatch(text.replace(" ", "")) else None
+    return number if number is not None else text.rstrip(".").lower()

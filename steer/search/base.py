@@ -1,0 +1,146 @@
+"""Strategies as typed plugins, and what they share: context, final answers, results.
+
+A strategy is a class with a `name`, a nested pydantic `Options` (`extra="forbid"`), a
+`planned_calls()` bound (checked before the first call), and one `async run(ctx)`. It
+reaches the engine only through `ctx.session`, offers every scored candidate to
+`ctx.offer()` (so a budget cut-off can still return the best so far), and ends with a
+`FinalText` (an answer it already has) or a `FinalPrompt` (one more generation whose
+tokens can stream straight to the client).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from steer.critics import Candidate, Critic, Question, Score, mean_logprob
+from steer.engine import Generation, Message, SamplingParams
+from steer.search.session import Session
+from steer.search.trace import Node, Trace
+
+
+class StrategyOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+@dataclass(frozen=True)
+class FinalText:
+    node: Node
+    finish_reason: str = "stop"
+
+
+@dataclass(frozen=True)
+class FinalPrompt:
+    messages: tuple[Message, ...]
+    params: SamplingParams
+    parent: int | None = None
+
+
+Final = FinalText | FinalPrompt
+
+
+@dataclass(frozen=True)
+class SteerResult:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    model_calls: int
+    candidates: int
+    pruned: int
+    budget_exhausted: bool
+    trace: Trace
+
+
+@dataclass
+class Context:
+    """Everything a strategy may use while it runs."""
+
+    session: Session
+    messages: tuple[Message, ...]  # the conversation, after any template
+    params: SamplingParams  # the client's sampling knobs (n is always 1 here)
+    critic: Critic | None
+    trace: Trace
+    best: Node | None = None
+    progress: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def question(self) -> Question:
+        return Question(self.messages)
+
+    def offer(self, node: Node) -> None:
+        """Remember `node` if it is the best scored answer so far."""
+        if node.score is None:
+            return
+        if self.best is None or (self.best.score or 0.0) < node.score:
+            self.best = node
+
+    def note(self, **event: Any) -> None:
+        """A progress event (streamed to the client as a chunk with a `steering` field)."""
+        self.progress.append(event)
+
+    def add_generations(
+        self, gens: Sequence[Generation], role: str, round: int = 0, parent: int | None = None
+    ) -> list[Node]:
+        now = self.session.elapsed()
+        return [
+            self.trace.add(
+                role, g.text, parent=parent, round=round, tokens=g.completion_tokens,
+                ended_s=round_s(now),
+                meta={"mean_logprob": mean_logprob(g), "finish_reason": g.finish_reason},
+            )
+            for g in gens
+        ]
+
+    async def score(self, nodes: Sequence[Node], critic: Critic | None = None) -> list[Score]:
+        """Score `nodes` with the critic in one batch, recording each score on its node."""
+        critic = critic or self.critic
+        if critic is None or not nodes:
+            return []
+        candidates = [
+            Candidate(n.text, mean_logprob=n.meta.get("mean_logprob"), tokens=n.tokens)
+            for n in nodes
+        ]
+        scores = await critic.score(self.session, self.question, candidates)
+        for n, s in zip(nodes, scores, strict=True):
+            n.scores[critic.name] = s.value
+            if s.detail:
+                n.meta[f"{critic.name}_detail"] = s.detail
+            self.offer(n)
+        return scores
+
+    def sampling(self, **changes: Any) -> SamplingParams:
+        return replace(self.params, **changes)
+
+
+class Strategy(ABC):
+    name: ClassVar[str]
+    Options: ClassVar[type[StrategyOptions]] = StrategyOptions
+    default_critic: ClassVar[str | None] = None
+
+    def __init__(self, options: StrategyOptions, critic: Critic | None) -> None:
+        self.options = options
+        self.critic = critic
+
+    def planned_calls(self) -> int:
+        """An upper bound on the model calls one run makes (amplification check)."""
+        return 1
+
+    @abstractmethod
+    async def run(self, ctx: Context) -> Final: ...
+
+
+STRATEGIES: dict[str, type[Strategy]] = {}
+
+
+def register_strategy(cls: type[Strategy]) -> type[Strategy]:
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
+def round_s(seconds: float) -> float:
+    return round(seconds, 4)

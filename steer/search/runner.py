@@ -1,0 +1,320 @@
+"""Turns a validated steering spec into a plan, and runs plans within their budgets.
+
+`Steerer.plan()` checks everything before the first model call: the strategy, its options,
+the critic, the template, the budget against the server's caps, and the amplification bound
+(`planned_calls`). `run()` returns a `SteerResult`; `stream()` yields progress events, then
+the answer as `StreamDelta`s (real tokens when the strategy ends with a generation), then
+the `SteerResult`. When a budget runs out, the best answer so far is returned, marked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncGenerator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from steer.critics import CRITICS, Critic
+from steer.engine import AdapterRef, Engine, Message, SamplingParams, StreamDelta, StreamEnd
+from steer.search.base import (
+    STRATEGIES,
+    Context,
+    Final,
+    FinalPrompt,
+    FinalText,
+    SteerResult,
+    Strategy,
+)
+from steer.search.session import Budget, BudgetExhausted, Session, SteeringInvalid
+from steer.search.strategies.basic import TemplateStrategy
+from steer.search.templates import PromptTemplate, TemplateLibrary
+from steer.search.trace import Node, Trace
+
+AdapterResolver = Callable[[str], AdapterRef]
+
+
+@dataclass(frozen=True)
+class SteeringSpec:
+    """The `steering` request field, as the search layer receives it."""
+
+    strategy: str = "none"
+    options: Mapping[str, Any] = field(default_factory=dict)
+    critic: Mapping[str, Any] | None = None
+    budget: Mapping[str, Any] | None = None
+    template: Mapping[str, Any] | None = None
+    trace: bool = False
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Server-wide caps; a request may ask for less, never more."""
+
+    max_model_calls: int = 64
+    max_total_tokens: int = 32768
+    timeout_s: float = 120.0
+
+
+class _BudgetFields(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    max_model_calls: int | None = Field(None, ge=1)
+    max_total_tokens: int | None = Field(None, ge=1)
+    timeout_s: float | None = Field(None, gt=0)
+
+
+class _TemplateFields(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str
+    variables: dict[str, Any] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Progress:
+    event: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    strategy: Strategy
+    budget: Budget
+    template: tuple[PromptTemplate, Mapping[str, Any], str] | None
+    trace: bool
+
+
+def _invalid(exc: ValidationError, prefix: str) -> SteeringInvalid:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    param = f"{prefix}.{loc}" if loc else prefix
+    what = "unknown option" if err["type"] == "extra_forbidden" else err["msg"]
+    return SteeringInvalid(f"{param}: {what}", param)
+
+
+class Steerer:
+    def __init__(
+        self, engine: Engine, limits: Limits, templates: TemplateLibrary,
+        resolve_adapter: AdapterResolver,
+    ) -> None:
+        self.engine = engine
+        self.limits = limits
+        self.templates = templates
+        self.resolve_adapter = resolve_adapter
+
+    # -- planning --------------------------------------------------------------------------
+
+    def plan(self, spec: SteeringSpec) -> Plan:
+        cls = STRATEGIES.get(spec.strategy)
+        if cls is None:
+            raise SteeringInvalid(
+                f"Unknown steering strategy '{spec.strategy}'. Strategies available: "
+                + ", ".join(sorted(STRATEGIES)), "steering.strategy",
+            )
+        try:
+            options = cls.Options.model_validate(dict(spec.options))
+        except ValidationError as exc:
+            raise _invalid(exc, "steering.options") from exc
+        critic = self._critic(spec.critic, cls.default_critic)
+        strategy = cls(options, critic)
+        budget = self._budget(spec.budget)
+        planned = strategy.planned_calls()
+        if planned > self.limits.max_model_calls:
+            raise SteeringInvalid(
+                f"this strategy would make up to {planned} model calls; the server allows "
+                f"{self.limits.max_model_calls} per request", "steering.options",
+            )
+        template = None
+        if isinstance(options, TemplateStrategy.Options):
+            template = (self.templates.get(options.name, "steering.options.name"),
+                        options.variables, "steering.options")
+        elif spec.template is not None:
+            try:
+                fields = _TemplateFields.model_validate(dict(spec.template))
+            except ValidationError as exc:
+                raise _invalid(exc, "steering.template") from exc
+            template = (self.templates.get(fields.name, "steering.template.name"),
+                        fields.variables, "steering.template")
+        return Plan(spec.strategy, strategy, budget, template, spec.trace)
+
+    def _critic(self, spec: Mapping[str, Any] | None, default: str | None) -> Critic | None:
+        if spec is None:
+            return CRITICS[default](CRITICS[default].Options()) if default else None
+        spec = dict(spec)
+        name = spec.pop("name", None)
+        if not isinstance(name, str) or name not in CRITICS:
+            raise SteeringInvalid(
+                f"Unknown critic {name!r}. Critics available: " + ", ".join(sorted(CRITICS)),
+                "steering.critic.name",
+            )
+        adapter_name = spec.pop("adapter", None)
+        adapter = None
+        if adapter_name is not None:
+            if not isinstance(adapter_name, str):
+                raise SteeringInvalid("critic adapter must be a name", "steering.critic.adapter")
+            adapter = self.resolve_adapter(adapter_name)
+        raw_options = spec.pop("options", {})
+        if not isinstance(raw_options, dict):
+            raise SteeringInvalid("critic options must be an object", "steering.critic.options")
+        cls = CRITICS[name]
+        try:
+            options = cls.Options.model_validate({**raw_options, **spec})
+        except ValidationError as exc:
+            raise _invalid(exc, "steering.critic") from exc
+        return cls(options, adapter)
+
+    def _budget(self, raw: Mapping[str, Any] | None) -> Budget:
+        try:
+            fields = _BudgetFields.model_validate(dict(raw or {}))
+        except ValidationError as exc:
+            raise _invalid(exc, "steering.budget") from exc
+        caps = self.limits
+        for name in ("max_model_calls", "max_total_tokens", "timeout_s"):
+            asked, cap = getattr(fields, name), getattr(caps, name)
+            if asked is not None and asked > cap:
+                raise SteeringInvalid(
+                    f"steering.budget.{name} may be at most {cap} on this server",
+                    f"steering.budget.{name}",
+                )
+        return Budget(
+            max_model_calls=fields.max_model_calls or caps.max_model_calls,
+            max_total_tokens=fields.max_total_tokens or caps.max_total_tokens,
+            timeout_s=fields.timeout_s or caps.timeout_s,
+        )
+
+    # -- running ---------------------------------------------------------------------------
+
+    def _context(
+        self, plan: Plan, messages: tuple[Message, ...], params: SamplingParams,
+        adapter: AdapterRef | None, request_id: str,
+    ) -> Context:
+        if plan.template is not None:
+            template, variables, param = plan.template
+            messages = template.apply(messages, variables, param)
+        session = Session(self.engine, plan.budget, request_id, adapter)
+        trace = Trace(plan.name)
+        if plan.template is not None:
+            trace.info["template"] = plan.template[0].name
+        return Context(session, messages, params, plan.strategy.critic, trace)
+
+    async def _search(self, plan: Plan, ctx: Context) -> tuple[Final, bool]:
+        try:
+            async with asyncio.timeout(plan.budget.timeout_s):
+                return await plan.strategy.run(ctx), False
+        except (BudgetExhausted, TimeoutError) as exc:
+            reason = str(exc) or "timeout_s"
+            ctx.trace.info["budget_exhausted"] = reason
+            return FinalText(_best_so_far(ctx, reason)), True
+
+    def _result(self, ctx: Context, text: str, finish: str, exhausted: bool) -> SteerResult:
+        s = ctx.session
+        nodes = ctx.trace.nodes
+        ctx.trace.info["elapsed_s"] = round(s.elapsed(), 4)
+        return SteerResult(
+            text=text, finish_reason=finish, prompt_tokens=s.prompt_tokens,
+            completion_tokens=s.completion_tokens, model_calls=s.model_calls,
+            candidates=sum(1 for n in nodes if n.role != "critic"),
+            pruned=sum(1 for n in nodes if n.pruned), budget_exhausted=exhausted,
+            trace=ctx.trace,
+        )
+
+    async def run(
+        self, plan: Plan, messages: tuple[Message, ...], params: SamplingParams,
+        adapter: AdapterRef | None, request_id: str,
+    ) -> SteerResult:
+        result: SteerResult | None = None
+        async for item in self.stream(plan, messages, params, adapter, request_id,
+                                      stream_final=False):
+            if isinstance(item, SteerResult):
+                result = item
+        assert result is not None
+        return result
+
+    async def stream(
+        self, plan: Plan, messages: tuple[Message, ...], params: SamplingParams,
+        adapter: AdapterRef | None, request_id: str, stream_final: bool = True,
+    ) -> AsyncGenerator[Progress | StreamDelta | SteerResult, None]:
+        ctx = self._context(plan, messages, params, adapter, request_id)
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        ctx.progress = _QueueList(queue)
+        task = asyncio.ensure_future(self._search(plan, ctx))
+        try:
+            while not task.done():
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield Progress(getter.result())
+                else:
+                    getter.cancel()
+            while not queue.empty():
+                yield Progress(queue.get_nowait())
+            final, exhausted = task.result()
+            if isinstance(final, FinalText):
+                final.node.chosen = True
+                if stream_final:
+                    for piece in _pieces(final.node.text):
+                        yield StreamDelta(index=0, text=piece, new_tokens=0)
+                yield self._result(ctx, final.node.text, final.finish_reason, exhausted)
+                return
+            async for item in self._final(plan, ctx, final, stream_final):
+                yield item
+        finally:
+            if not task.done():
+                task.cancel()
+            await ctx.session.abort_all()
+
+    async def _final(
+        self, plan: Plan, ctx: Context, final: FinalPrompt, stream_final: bool
+    ) -> AsyncGenerator[StreamDelta | SteerResult, None]:
+        """The last generation: streamed token by token, within what is left of the budget."""
+        left = plan.budget.timeout_s - ctx.session.elapsed()
+        text, finish, exhausted = "", "stop", False
+        try:
+            async with asyncio.timeout(max(left, 0.001)):
+                async for item in ctx.session.stream(final.messages, final.params):
+                    if isinstance(item, StreamEnd):
+                        continue
+                    text += item.text
+                    if item.finish_reason:
+                        finish = item.finish_reason
+                    if stream_final:
+                        yield item
+        except (BudgetExhausted, TimeoutError) as exc:
+            ctx.trace.info["budget_exhausted"] = str(exc) or "timeout_s"
+            if not text:
+                best = _best_so_far(ctx, str(exc) or "timeout_s")
+                text = best.text
+                if stream_final:
+                    yield StreamDelta(index=0, text=text, new_tokens=0)
+            exhausted, finish = True, "length"
+        node = ctx.trace.add("final", text, parent=final.parent, chosen=True,
+                             ended_s=round(ctx.session.elapsed(), 4))
+        node.meta["finish_reason"] = finish
+        yield self._result(ctx, text, finish, exhausted)
+
+
+class _QueueList(list[dict[str, Any]]):
+    """`ctx.progress` that also feeds the stream's queue."""
+
+    def __init__(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
+        super().__init__()
+        self.queue = queue
+
+    def append(self, event: dict[str, Any]) -> None:
+        super().append(event)
+        self.queue.put_nowait(event)
+
+
+def _best_so_far(ctx: Context, reason: str) -> Node:
+    if ctx.best is not None:
+        return ctx.best
+    answers = [n for n in ctx.trace.candidates() if n.role not in ("critic",)]
+    if not answers:
+        raise BudgetExhausted(f"the budget ran out before any answer ({reason})")
+    mean = [(n.meta.get("mean_logprob") or -math.inf, n) for n in answers]
+    return max(mean, key=lambda pair: pair[0])[1]
+
+
+def _pieces(text: str, size: int = 16) -> list[str]:
+    """Split an already-chosen answer into small chunks for streaming."""
+    return [text[i:i + size] for i in range(0, len(text), size)] or [""]
