@@ -77,7 +77,14 @@ class VllmEngine(Engine):
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        # Imported here: importing vllm costs seconds and must not happen at module import.
+        # Importing vllm and loading the model take tens of seconds and block; a thread keeps
+        # the event loop answering (e.g. /health says "loading") meanwhile.
+        self._llm = await asyncio.to_thread(self._build)
+        self._tokenizer = self._llm.get_tokenizer()
+        logger.info("vLLM engine ready: %s (max_model_len=%d)", self.config.model,
+                    self.config.max_model_len)
+
+    def _build(self) -> Any:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -112,11 +119,7 @@ class VllmEngine(Engine):
             max_logprobs=MAX_LOGPROBS,
             **extra,
         )
-        # Loading takes tens of seconds and blocks; a thread keeps the event loop answering
-        # (e.g. /health says "loading") meanwhile.
-        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
-        self._tokenizer = self._llm.get_tokenizer()
-        logger.info("vLLM engine ready: %s (max_model_len=%d)", cfg.model, cfg.max_model_len)
+        return AsyncLLM.from_engine_args(args)
 
     async def shutdown(self) -> None:
         self._closing = True
