@@ -48,7 +48,7 @@ class FakeEngine(Engine):
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.capabilities = Capabilities(lora=True)
-        self.answers: deque[str] = deque()
+        self.answers: deque[str | tuple[str, float]] = deque()
         self.history: list[Call] = []
         self.aborted: list[str] = []
         self.started = asyncio.Event()
@@ -57,11 +57,13 @@ class FakeEngine(Engine):
         self.alive = True
         self.default_answer = "ok"
 
-    def enqueue(self, *answers: str) -> None:
+    def enqueue(self, *answers: str | tuple[str, float]) -> None:
+        """Queue answers, served in order; `(text, logprob)` sets every token's logprob."""
         self.answers.extend(answers)
 
-    def _next(self) -> str:
-        return self.answers.popleft() if self.answers else self.default_answer
+    def _next(self) -> tuple[str, float]:
+        answer = self.answers.popleft() if self.answers else self.default_answer
+        return answer if isinstance(answer, tuple) else (answer, -0.5)
 
     async def start(self) -> None:
         if self.release_start is not None:
@@ -81,19 +83,22 @@ class FakeEngine(Engine):
             raise PromptTooLong(n, params.max_tokens, self.max_model_len)
         return room if params.max_tokens is None else params.max_tokens
 
-    def _answer(self, limit: int) -> tuple[list[str], str]:
-        words = self._next().split()
+    def _answer(self, limit: int) -> tuple[list[str], str, float]:
+        text, logprob = self._next()
+        words = text.split()
         if len(words) > limit:
-            return words[:limit], "length"
-        return words, "stop"
+            return words[:limit], "length", logprob
+        return words, "stop", logprob
 
     @staticmethod
-    def _logprobs(words: list[str], k: int | None) -> tuple[TokenLogprob, ...] | None:
+    def _logprobs(
+        words: list[str], k: int | None, logprob: float = -0.5
+    ) -> tuple[TokenLogprob, ...] | None:
         if k is None:
             return None
         return tuple(
-            TokenLogprob(w, -0.5, tuple(TopLogprob(f"{w}{j}" if j else w, -0.5 - j)
-                                        for j in range(k)))
+            TokenLogprob(w, logprob, tuple(TopLogprob(f"{w}{j}" if j else w, logprob - j)
+                                           for j in range(k)))
             for w in words
         )
 
@@ -113,11 +118,11 @@ class FakeEngine(Engine):
         gens = []
         for i, (prompt, limit) in enumerate(zip(prompts, limits, strict=True)):
             for j in range(params.n):
-                words, finish = self._answer(limit)
+                words, finish, lp = self._answer(limit)
                 gens.append(Generation(
                     text=" ".join(words), prompt_tokens=self.count_prompt_tokens(prompt),
                     completion_tokens=len(words), finish_reason=finish,  # type: ignore[arg-type]
-                    prompt_index=i, index=j, logprobs=self._logprobs(words, params.logprobs),
+                    prompt_index=i, index=j, logprobs=self._logprobs(words, params.logprobs, lp),
                 ))
         return gens
 
@@ -135,7 +140,7 @@ class FakeEngine(Engine):
         total = 0
         try:
             for j in range(params.n):
-                words, finish = self._answer(limit)
+                words, finish, lp = self._answer(limit)
                 for k, w in enumerate(words):
                     if self.hold is not None:
                         await self.hold.wait()
@@ -143,7 +148,7 @@ class FakeEngine(Engine):
                     total += 1
                     yield StreamDelta(
                         index=j, text=(" " if k else "") + w, new_tokens=1,
-                        logprobs=self._logprobs([w], params.logprobs),
+                        logprobs=self._logprobs([w], params.logprobs, lp),
                         finish_reason=finish if last else None,  # type: ignore[arg-type]
                     )
         except GeneratorExit:
