@@ -3,7 +3,7 @@
 Importing this package registers every built-in critic in `CRITICS`.
 """
 
-from steer.critics import model, rules
+from steer.critics import game24, model, rules
 from steer.critics.base import (
     CRITICS,
     Candidate,
@@ -27,6 +27,7 @@ __all__ = [
     "ModelCaller",
     "Question",
     "Score",
+    "game24",
     "mean_logprob",
     "model",
     "register_critic",

@@ -19,10 +19,14 @@ OPTILLM_SLUGS: dict[str, tuple[str, dict[str, Any]]] = {
     "bon": ("best_of_n", {}),
     "self_consistency": ("self_consistency", {}),
     "re2": ("template", {"name": "re2"}),
+    # Mixture of agents: several answers, each revised after seeing the others, one picked.
+    "moa": ("debate", {"agents": 3, "rounds": 2, "aggregate": "majority"}),
+    # CoT + reflection: a chain-of-thought draft, one self-critique, one revision.
+    "cot_reflection": ("reflection", {"max_iters": 1, "feedback": "self"}),
 }
 # optillm's other approaches: recognised, so the error can say "not supported" clearly.
 OPTILLM_UNMAPPED = frozenset({
-    "mcts", "moa", "rto", "z3", "pvg", "rstar", "cot_reflection", "plansearch", "leap",
+    "mcts", "rto", "z3", "pvg", "rstar", "plansearch", "leap",
     "cepo", "coc", "executecode", "spl", "entropy_decoding", "thinkdeeper", "autothink",
     "deepconf", "majority_voting", "json", "privacy", "readurls", "memory", "mars",
 })

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from steer.critics import Candidate, Critic, Question, Score, mean_logprob
-from steer.engine import Generation, Message, SamplingParams
+from steer.engine import AdapterRef, Generation, Message, SamplingParams
 from steer.search.session import Session
 from steer.search.trace import Node, Trace
 
@@ -65,8 +65,10 @@ class Context:
     params: SamplingParams  # the client's sampling knobs (n is always 1 here)
     critic: Critic | None
     trace: Trace
+    adapters: dict[str, AdapterRef] = field(default_factory=dict)  # by name, for roles
     best: Node | None = None
     progress: list[dict[str, Any]] = field(default_factory=list)
+    cache: dict[Any, Any] = field(default_factory=dict)
 
     @property
     def question(self) -> Question:
@@ -129,6 +131,13 @@ class Strategy(ABC):
     def planned_calls(self) -> int:
         """An upper bound on the model calls one run makes (amplification check)."""
         return 1
+
+    def check(self) -> None:  # noqa: B027 - optional hook, most strategies need none
+        """Cross-field checks before any call; raise `SteeringInvalid` naming the field."""
+
+    def adapter_names(self) -> list[str]:
+        """LoRA adapters this run's roles use (resolved, and checked, before any call)."""
+        return []
 
     @abstractmethod
     async def run(self, ctx: Context) -> Final: ...

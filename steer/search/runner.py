@@ -52,9 +52,9 @@ class SteeringSpec:
 class Limits:
     """Server-wide caps; a request may ask for less, never more."""
 
-    max_model_calls: int = 64
-    max_total_tokens: int = 32768
-    timeout_s: float = 120.0
+    max_model_calls: int = 512
+    max_total_tokens: int = 262144
+    timeout_s: float = 300.0
 
 
 class _BudgetFields(BaseModel):
@@ -82,6 +82,7 @@ class Plan:
     budget: Budget
     template: tuple[PromptTemplate, Mapping[str, Any], str] | None
     trace: bool
+    adapters: Mapping[str, AdapterRef] = field(default_factory=dict)
 
 
 def _invalid(exc: ValidationError, prefix: str) -> SteeringInvalid:
@@ -117,6 +118,7 @@ class Steerer:
             raise _invalid(exc, "steering.options") from exc
         critic = self._critic(spec.critic, cls.default_critic)
         strategy = cls(options, critic)
+        strategy.check()
         budget = self._budget(spec.budget)
         planned = strategy.planned_calls()
         if planned > self.limits.max_model_calls:
@@ -135,7 +137,13 @@ class Steerer:
                 raise _invalid(exc, "steering.template") from exc
             template = (self.templates.get(fields.name, "steering.template.name"),
                         fields.variables, "steering.template")
-        return Plan(spec.strategy, strategy, budget, template, spec.trace)
+        adapters = {}
+        for name in strategy.adapter_names():
+            try:
+                adapters[name] = self.resolve_adapter(name)
+            except SteeringInvalid as exc:
+                raise SteeringInvalid(str(exc), "steering.options.agents") from exc
+        return Plan(spec.strategy, strategy, budget, template, spec.trace, adapters)
 
     def _critic(self, spec: Mapping[str, Any] | None, default: str | None) -> Critic | None:
         if spec is None:
@@ -195,7 +203,8 @@ class Steerer:
         trace = Trace(plan.name)
         if plan.template is not None:
             trace.info["template"] = plan.template[0].name
-        return Context(session, messages, params, plan.strategy.critic, trace)
+        return Context(session, messages, params, plan.strategy.critic, trace,
+                       adapters=dict(plan.adapters))
 
     async def _search(self, plan: Plan, ctx: Context) -> tuple[Final, bool]:
         try:

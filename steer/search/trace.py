@@ -6,8 +6,11 @@ pairs from chosen vs. pruned siblings).
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import networkx as nx
 
 
 @dataclass
@@ -43,6 +46,29 @@ class Trace:
 
     def candidates(self) -> list[Node]:
         return [n for n in self.nodes if n.role != "final"]
+
+    def graph(self) -> nx.DiGraph:
+        """The search tree (or debate graph) as a networkx DiGraph, node attributes included."""
+        g = nx.DiGraph()
+        for n in self.nodes:
+            g.add_node(n.id, **{k: v for k, v in asdict(n).items() if k != "id"})
+        g.add_edges_from((n.parent, n.id) for n in self.nodes if n.parent is not None)
+        return g
+
+    def to_dot(self) -> str:
+        """Graphviz DOT: kept nodes solid, pruned dashed, the chosen answer bold."""
+        lines = [f"digraph {json.dumps(self.strategy)} {{", "  node [shape=box];"]
+        for node_id, data in self.graph().nodes(data=True):
+            score = data["scores"] and next(iter(data["scores"].values()))
+            text = data["text"].strip().replace("\n", " | ")[:80]
+            label = f"#{node_id} {data['role']}" + (f" {score:.3g}" if score else "")
+            style = "bold" if data["chosen"] else "dashed" if data["pruned"] else "solid"
+            full = json.dumps(label + "\n" + text)
+            lines.append(f"  n{node_id} [label={full}, style={style}];")
+        for a, b in self.graph().edges():
+            lines.append(f"  n{a} -> n{b};")
+        lines.append("}")
+        return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -31,6 +31,7 @@ from steer.service.protocol import (
 from steer.service.serving import Serving
 from steer.service.settings import Settings
 from steer.service.steering import SteeredChat
+from steer.service.traces import TraceStore
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,8 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
         templates,
         resolve_adapter=lambda name: _adapter_by_name(engine, name),
     )
-    chats = SteeredChat(serving, steerer, metrics, admission)
+    traces = TraceStore(settings.trace_store_size or 1, settings.trace_ttl_s)
+    chats = SteeredChat(serving, steerer, metrics, admission, traces)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -127,6 +129,19 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     @app.get("/v1/steering/templates", dependencies=[Depends(authorized)])
     async def list_templates() -> dict[str, Any]:
         return {"object": "list", "data": templates.describe()}
+
+    @app.get("/v1/steering/traces/{trace_id}", dependencies=[Depends(authorized)])
+    async def get_trace(trace_id: str, format: str = "json") -> Response:
+        trace = traces.get(trace_id)
+        if trace is None:
+            raise APIError(404, f"no stored trace '{trace_id}' (traces expire after "
+                           f"{settings.trace_ttl_s:.0f}s)", type="not_found_error",
+                           param="trace_id", code="trace_not_found")
+        if format == "dot":
+            return Response(trace.to_dot(), media_type="text/vnd.graphviz")
+        if format != "json":
+            raise APIError(400, "format must be json or dot", param="format")
+        return JSONResponse({"id": trace_id, **trace.to_dict()})
 
     @app.get("/health")
     async def health() -> JSONResponse:

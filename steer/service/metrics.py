@@ -16,7 +16,7 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20)
 KNOWN_ROUTES = frozenset({
     "/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics",
-    "/v1/steering/templates",
+    "/v1/steering/templates", "/v1/steering/traces",
 })
 
 
@@ -101,6 +101,8 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
+        if path.startswith("/v1/steering/traces/"):
+            path = "/v1/steering/traces"  # one label for every trace id
         route = path if path in KNOWN_ROUTES else "other"
         status: dict[str, Any] = {"code": 500}
         start = time.perf_counter()

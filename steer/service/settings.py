@@ -47,10 +47,12 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(30.0, ge=0)
 
     # Steering: server-wide caps on one request's budget (requests may ask for less)
-    steer_max_model_calls: int = Field(64, ge=1)
-    steer_max_total_tokens: int = Field(32768, ge=1)
-    steer_timeout_s: float = Field(120.0, gt=0)
+    steer_max_model_calls: int = Field(512, ge=1)
+    steer_max_total_tokens: int = Field(262144, ge=1)
+    steer_timeout_s: float = Field(300.0, gt=0)
     templates_dir: Path | None = Field(None, description="extra prompt templates (*.toml)")
+    trace_store_size: int = Field(256, ge=0)
+    trace_ttl_s: float = Field(3600.0, gt=0)
 
     def model_name(self) -> str:
         if self.served_model_name:

@@ -46,6 +46,7 @@ from steer.service.serving import (
     cancel_on_disconnect,
     to_message,
 )
+from steer.service.traces import TraceStore
 
 
 def requested_spec(req: ChatCompletionRequest, served: list[str]) -> tuple[SteeringSpec | None,
@@ -77,6 +78,11 @@ class SteeredChat:
     steerer: Steerer
     metrics: Metrics
     admission: Admission
+    traces: TraceStore
+
+    def _trace(self, result: SteerResult, rid: str) -> dict[str, Any]:
+        self.traces.put(rid, result.trace)
+        return {"id": rid, **result.trace.to_dict()}
 
     async def handle(self, req: ChatCompletionRequest, http: Request) -> Any:
         """Every chat completion: plain ones go straight to the engine, steered ones search."""
@@ -104,7 +110,8 @@ class SteeredChat:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             stream = self.steerer.stream(plan, messages, params, adapter, rid)
-            return await self._stream(stream, plan.name, model, include_usage, plan.trace)
+            return await self._stream(stream, plan.name, model, include_usage,
+                                      rid if plan.trace else None)
         ticket = await self.admission.acquire()
         start = time.perf_counter()
         try:
@@ -123,13 +130,13 @@ class SteeredChat:
             choices=[ChatChoice(index=0, message=AssistantMessage(content=result.text),
                                 finish_reason=result.finish_reason)],
             usage=_usage(result),
-            steering_trace=result.trace.to_dict() if plan.trace else None,
+            steering_trace=self._trace(result, rid) if plan.trace else None,
         )
         return JSONResponse(body.model_dump())
 
     async def _stream(
         self, stream: AsyncGenerator[Progress | StreamDelta | SteerResult, None], name: str,
-        model: str, include_usage: bool, want_trace: bool,
+        model: str, include_usage: bool, trace_id: str | None,
     ) -> EventSourceResponse:
         ticket = await self.admission.acquire()
         start = time.perf_counter()
@@ -161,7 +168,7 @@ class SteeredChat:
                     else:
                         self.metrics.ttft.labels(CHAT).observe(time.perf_counter() - start)
                         self._count(name, item, time.perf_counter() - start)
-                        extra = {"trace": item.trace.to_dict()} if want_trace else None
+                        extra = {"trace": self._trace(item, trace_id)} if trace_id else None
                         yield out.finish(item.finish_reason, extra)
                         if include_usage:
                             yield out.usage(_usage(item))

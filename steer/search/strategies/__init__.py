@@ -1,5 +1,5 @@
 """Built-in strategies; importing this package registers them."""
 
-from steer.search.strategies import basic, sampling
+from steer.search.strategies import basic, debate, reflection, sampling, tot
 
-__all__ = ["basic", "sampling"]
+__all__ = ["basic", "debate", "reflection", "sampling", "tot"]

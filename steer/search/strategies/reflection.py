@@ -1,0 +1,113 @@
+"""Self-Refine (Madaan et al. 2023) and Reflexion (Shinn et al. 2023).
+
+Draft -> feedback -> revision, up to `max_iters` revisions, stopping once the critic's score
+reaches `threshold`. Feedback comes from the model (`self`: a feedback prompt), from the
+critic (its score and explanation, e.g. a verifier's error), or `both`. With `memory`, every
+earlier reflection stays in later revision prompts (Reflexion); without, only the latest
+(Self-Refine). Returns the best-scored version, not necessarily the last.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from steer.engine import Message
+from steer.search.base import (
+    Context,
+    Final,
+    FinalText,
+    Strategy,
+    StrategyOptions,
+    register_strategy,
+)
+from steer.search.session import SteeringInvalid
+from steer.search.trace import Node
+
+FEEDBACK = ("Review the answer below to the question. List its concrete mistakes or gaps, "
+            "briefly. If it is fully correct, say \"No issues.\"")
+
+
+@register_strategy
+class Reflection(Strategy):
+    name = "reflection"
+    default_critic = "llm_judge"
+
+    class Options(StrategyOptions):
+        max_iters: int = Field(3, ge=1, le=10)
+        threshold: float | None = Field(None, ge=0.0, le=1.0)
+        feedback: Literal["self", "critic", "both"] = "self"
+        memory: bool = False
+        temperature: float = Field(0.7, ge=0.0, le=2.0)
+        feedback_tokens: int = Field(160, ge=8, le=2048)
+
+    @property
+    def opts(self) -> Reflection.Options:
+        assert isinstance(self.options, Reflection.Options)
+        return self.options
+
+    def check(self) -> None:
+        if self.opts.feedback in ("critic", "both") and self.critic is None:
+            raise SteeringInvalid("feedback from a critic needs steering.critic",
+                                  "steering.critic")
+
+    def planned_calls(self) -> int:
+        o = self.opts
+        versions = 1 + o.max_iters
+        critic = self.critic.planned_calls(1) if self.critic else 0
+        feedback = 1 if o.feedback in ("self", "both") else 0
+        return versions * (1 + critic) + o.max_iters * feedback
+
+    async def _score(self, ctx: Context, node: Node) -> float | None:
+        if self.critic is None:
+            return None
+        (score,) = await ctx.score([node])
+        return score.value
+
+    async def run(self, ctx: Context) -> Final:
+        o = self.opts
+        params = ctx.sampling(temperature=o.temperature, logprobs=0)
+        (draft,) = await ctx.session.generate([ctx.messages], params, role="generator")
+        current = ctx.add_generations([draft], "draft", round=0)[0]
+        value = await self._score(ctx, current)
+        reflections: list[str] = []
+        for it in range(1, o.max_iters + 1):
+            if o.threshold is not None and value is not None and value >= o.threshold:
+                ctx.trace.info["stopped"] = {"iteration": it - 1, "score": value}
+                break
+            feedback = await self._feedback(ctx, current)
+            reflections.append(feedback)
+            shown = reflections if o.memory else reflections[-1:]
+            revise = [*ctx.messages, Message("assistant", current.text), Message("user", (
+                "Feedback on your answer:\n" + "\n---\n".join(shown)
+                + "\n\nWrite an improved, complete answer to the original question."))]
+            (gen,) = await ctx.session.generate([revise], params, role="generator")
+            current = ctx.add_generations([gen], "revision", round=it, parent=current.id)[0]
+            current.meta["feedback"] = feedback
+            value = await self._score(ctx, current)
+            ctx.note(iteration=it, score=value)
+        versions = [n for n in ctx.trace.nodes if n.role in ("draft", "revision")]
+        best = ctx.best or versions[-1]
+        for n in versions:
+            n.pruned = n is not best
+        best.chosen = True
+        return FinalText(best, best.meta.get("finish_reason", "stop"))
+
+    async def _feedback(self, ctx: Context, node: Node) -> str:
+        o = self.opts
+        parts = []
+        if o.feedback in ("critic", "both") and self.critic is not None:
+            detail = node.meta.get(f"{self.critic.name}_detail", "")
+            score = node.scores.get(self.critic.name)
+            parts.append(f"A checker scored it {score:.2f} of 1. {detail}".strip())
+        if o.feedback in ("self", "both"):
+            ask = [Message("user", f"{FEEDBACK}\n\nQuestion: {ctx.question.text}\n\n"
+                                   f"Answer:\n{node.text}")]
+            params = ctx.sampling(temperature=0.0, max_tokens=o.feedback_tokens, logprobs=None,
+                                  stop=())
+            (gen,) = await ctx.session.generate([ask], params, role="feedback")
+            fb = ctx.trace.add("feedback", gen.text, parent=node.id, round=node.round,
+                               tokens=gen.completion_tokens)
+            parts.append(fb.text.strip())
+        return "\n".join(p for p in parts if p)

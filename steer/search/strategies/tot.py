@@ -1,0 +1,275 @@
+"""Tree-of-Thoughts (Yao et al. 2023), following princeton-nlp/tree-of-thought-llm.
+
+BFS keeps a beam of `breadth` states per level for `depth` levels; DFS goes deep first,
+prunes children valued under `threshold`, backtracks, and stops at the first final state
+or after `max_states`. Each level's expansions are one batch of engine calls, and each
+level's evaluations another. States are valued by the paper's value prompt (sure/likely/
+impossible -> 20/1/0.001, `n_evaluate` samples summed), by votes, or by any critic.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from steer.critics import Question
+from steer.engine import Message
+from steer.search.base import (
+    Context,
+    Final,
+    FinalPrompt,
+    FinalText,
+    Strategy,
+    StrategyOptions,
+    register_strategy,
+)
+from steer.search.session import SteeringInvalid
+from steer.search.tasks import TASKS, Task
+from steer.search.trace import Node
+
+
+@register_strategy
+class TreeOfThoughts(Strategy):
+    name = "tot"
+
+    class Options(StrategyOptions):
+        search: Literal["bfs", "dfs"] = "bfs"
+        breadth: int = Field(5, ge=1, le=16)
+        depth: int = Field(3, ge=1, le=8)
+        generator: Literal["propose", "sample"] = "propose"
+        n_generate: int | None = Field(None, ge=1, le=16)
+        evaluator: Literal["value", "vote", "critic"] = "value"
+        n_evaluate: int = Field(3, ge=1, le=10)
+        selection: Literal["greedy", "sample"] = "greedy"
+        task: str = "steps"
+        temperature: float = Field(0.7, ge=0.0, le=2.0)
+        max_proposals: int = Field(8, ge=1, le=16)
+        threshold: float = Field(1.0, ge=0.0, description="dfs: prune states valued below")
+        max_states: int = Field(64, ge=1, le=1024, description="dfs: states visited at most")
+        step_tokens: int = Field(160, ge=8, le=2048)
+        value_tokens: int = Field(64, ge=1, le=1024)
+        seed: int | None = None
+
+        @model_validator(mode="after")
+        def _known_task(self) -> TreeOfThoughts.Options:
+            if self.task not in TASKS:
+                raise ValueError(f"unknown task; tasks: {', '.join(sorted(TASKS))}")
+            return self
+
+    @property
+    def opts(self) -> TreeOfThoughts.Options:
+        assert isinstance(self.options, TreeOfThoughts.Options)
+        return self.options
+
+    def check(self) -> None:
+        if self.opts.evaluator == "critic" and self.critic is None:
+            raise SteeringInvalid("evaluator 'critic' needs steering.critic", "steering.critic")
+
+    @property
+    def n_generate(self) -> int:
+        return self.opts.n_generate or (1 if self.opts.generator == "propose" else 3)
+
+    def levels(self, task: Task) -> int:
+        return self.opts.depth + (1 if task.extra_final_step else 0)
+
+    def planned_calls(self) -> int:
+        o = self.opts
+        task = TASKS[o.task]()
+        per_state = o.max_proposals if o.generator == "propose" else self.n_generate
+        if o.evaluator == "value":
+            evals = per_state * o.n_evaluate
+        elif o.evaluator == "vote":
+            evals = o.n_evaluate
+        else:
+            evals = self.critic.planned_calls(per_state) if self.critic else 0
+        per_expansion = self.n_generate + evals
+        if o.search == "dfs":
+            return o.max_states * per_expansion
+        return self.levels(task) * o.breadth * per_expansion
+
+    # -- one level: expand, evaluate -----------------------------------------------------------
+
+    async def expand(self, ctx: Context, task: Task, states: Sequence[Node], level: int,
+                     ) -> list[Node]:
+        """All of `states`' children, from one batched engine call."""
+        o = self.opts
+        prompts = [
+            task.propose_prompt(ctx.question, s.text) if o.generator == "propose"
+            else task.sample_prompt(ctx.question, s.text)
+            for s in states
+        ]
+        params = ctx.sampling(n=self.n_generate, temperature=o.temperature,
+                              max_tokens=o.step_tokens, logprobs=None, stop=())
+        gens = await ctx.session.generate(prompts, params, role="generator")
+        children: list[Node] = []
+        for g in gens:
+            parent = states[g.prompt_index]
+            if o.generator == "propose":
+                steps = task.parse_proposals(g.text)[: o.max_proposals]
+            else:
+                steps = task.parse_proposals(g.text)[:1]
+            for step in steps:
+                children.append(ctx.trace.add(
+                    "thought", parent.text + step + "\n", parent=parent.id, round=level,
+                    tokens=g.completion_tokens, ended_s=round(ctx.session.elapsed(), 4),
+                    meta={"step": step, "depth": level + 1},
+                ))
+        return children
+
+    async def evaluate(self, ctx: Context, task: Task, nodes: Sequence[Node],
+                       cache: dict[str, float]) -> None:
+        """Score every node in one batch; duplicates within a level are worth 0 (paper)."""
+        o = self.opts
+        if not nodes:
+            return
+        if o.evaluator == "critic":
+            await ctx.score(nodes)
+            for n in nodes:
+                n.scores["value"] = n.scores[self.critic.name] if self.critic else 0.0
+            return
+        if o.evaluator == "vote":
+            await self._vote(ctx, task, nodes)
+            return
+        seen: set[str] = set()
+        todo: list[Node] = []
+        for n in nodes:
+            if n.text in seen:
+                n.scores["value"] = 0.0
+                n.meta["duplicate"] = True
+            elif n.text in cache:
+                n.scores["value"] = cache[n.text]
+            else:
+                todo.append(n)
+            seen.add(n.text)
+        if todo:
+            params = ctx.sampling(n=o.n_evaluate, temperature=o.temperature,
+                                  max_tokens=o.value_tokens, logprobs=None, stop=())
+            prompts = [task.value_prompt(ctx.question, n.text) for n in todo]
+            gens = await ctx.session.generate(prompts, params, role="critic")
+            outputs: list[list[str]] = [[] for _ in todo]
+            for g in gens:
+                outputs[g.prompt_index].append(g.text)
+            for n, outs in zip(todo, outputs, strict=True):
+                value = task.parse_value(n.text, outs)
+                cache[n.text] = value
+                n.scores["value"] = value
+                n.meta["value_outputs"] = outs
+        for n in nodes:
+            ctx.offer(n)
+
+    async def _vote(self, ctx: Context, task: Task, nodes: Sequence[Node]) -> None:
+        o = self.opts
+        params = ctx.sampling(n=o.n_evaluate, temperature=o.temperature,
+                              max_tokens=o.value_tokens * 2, logprobs=None, stop=())
+        prompt = task.vote_prompt(ctx.question, [n.text for n in nodes])
+        gens = await ctx.session.generate([prompt], params, role="critic")
+        votes = [0] * len(nodes)
+        for g in gens:
+            choice = task.parse_vote(g.text, len(nodes))
+            if choice is not None:
+                votes[choice] += 1
+        for n, v in zip(nodes, votes, strict=True):
+            n.scores["value"] = float(v)
+            ctx.offer(n)
+
+    def select(self, nodes: Sequence[Node], rng: random.Random) -> list[Node]:
+        o = self.opts
+        values = [n.scores.get("value", 0.0) for n in nodes]
+        if o.selection == "sample" and sum(values) > 0:
+            # The paper samples with replacement in proportion to value.
+            picked = rng.choices(range(len(nodes)), weights=values, k=o.breadth)
+            keep = [nodes[i] for i in dict.fromkeys(picked)]
+        else:
+            order = sorted(range(len(nodes)), key=lambda i: values[i], reverse=True)
+            keep = [nodes[i] for i in order[: o.breadth]]
+        for n in nodes:
+            n.pruned = n not in keep
+        return keep
+
+    # -- search ------------------------------------------------------------------------------
+
+    async def run(self, ctx: Context) -> Final:
+        o = self.opts
+        task = TASKS[o.task]()
+        root = ctx.trace.add("root", "", meta={"depth": 0})
+        cache: dict[str, float] = {}
+        rng = random.Random(o.seed)
+        if o.search == "bfs":
+            states = await self._bfs(ctx, task, root, cache, rng)
+        else:
+            states = await self._dfs(ctx, task, root, cache)
+        return self._finish(ctx, task, states)
+
+    async def _bfs(self, ctx: Context, task: Task, root: Node, cache: dict[str, float],
+                   rng: random.Random) -> list[Node]:
+        states = [root]
+        for level in range(self.levels(task)):
+            open_ = [s for s in states if not task.is_final(s.text)]
+            done = [s for s in states if task.is_final(s.text)]
+            if not open_:
+                break
+            children = await self.expand(ctx, task, open_, level)
+            await self.evaluate(ctx, task, children, cache)
+            pool = done + children
+            if not pool:
+                break
+            states = self.select(pool, rng)
+            ctx.note(level=level, expanded=len(open_), generated=len(children),
+                     kept=[n.id for n in states],
+                     values=[round(n.scores.get("value", 0.0), 3) for n in states])
+        return states
+
+    async def _dfs(self, ctx: Context, task: Task, root: Node, cache: dict[str, float],
+                   ) -> list[Node]:
+        o = self.opts
+        visited = 0
+        finals: list[Node] = []
+        explored: list[Node] = []
+
+        async def visit(node: Node, level: int) -> bool:
+            nonlocal visited
+            if task.is_final(node.text):
+                finals.append(node)
+                return True
+            if level >= self.levels(task) or visited >= o.max_states:
+                return False
+            visited += 1
+            children = await self.expand(ctx, task, [node], level)
+            await self.evaluate(ctx, task, children, cache)
+            explored.extend(children)
+            ranked = sorted(children, key=lambda n: n.scores.get("value", 0.0), reverse=True)
+            ctx.note(level=level, node=node.id, generated=len(children), visited=visited)
+            for child in ranked:
+                if child.scores.get("value", 0.0) < o.threshold:
+                    child.pruned = True
+                    continue
+                if await visit(child, level + 1):
+                    return True
+                child.meta["backtracked"] = True
+            return False
+
+        await visit(root, 0)
+        ctx.trace.info["visited"] = visited
+        return finals or sorted(explored, key=lambda n: n.scores.get("value", 0.0),
+                                reverse=True)[:1]
+
+    def _finish(self, ctx: Context, task: Task, states: Sequence[Node]) -> Final:
+        finals = [s for s in states if task.is_final(s.text)]
+        pool = finals or list(states)
+        if not pool:
+            return FinalPrompt(ctx.messages, ctx.params)
+        best = max(pool, key=lambda n: n.scores.get("value", 0.0))
+        best.chosen = True
+        if finals:
+            return FinalText(best)
+        # No state reached an answer: one last generation writes it from the best steps.
+        ask = _conclude(ctx.question, best.text)
+        return FinalPrompt((*ctx.messages[:-1], ask), ctx.params, parent=best.id)
+
+
+def _conclude(question: Question, steps: str) -> Message:
+    return Message("user", f"{question.text}\n\nUse these steps:\n{steps.strip()}\n\n"
+                           "Give the final answer, ending with a line \"Answer: <answer>\".")
