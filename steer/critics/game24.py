@@ -67,7 +67,7 @@ def _apply(a: Fraction, op: str, b: Fraction) -> Fraction | None:
 def evaluate(expr: str) -> tuple[Fraction, list[Fraction]] | None:
     """Exact value of + - * / over integer literals, and the literals used; None if invalid."""
     try:
-        tree = ast.parse(expr.replace(_TIMES, "*").replace(_DIVIDE, "/"), mode="eval")
+        tree = ast.parse(expr.strip().replace(_TIMES, "*").replace(_DIVIDE, "/"), mode="eval")
     except SyntaxError:
         return None
     used: list[Fraction] = []

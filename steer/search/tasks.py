@@ -68,8 +68,11 @@ class Task(ABC):
     def is_final(self, state: str) -> bool:
         return answer_line(state) is not None
 
-    def answer_text(self, state: str) -> str:
-        return state.strip()
+    def conclude_prompt(self, question: Question, state: str) -> Message | None:
+        """When the search ends on no final state: a prompt that writes the answer from the
+        best state (one more, streamed, generation), or None to return the state itself."""
+        return Message("user", f"{question.text}\n\nUse these steps:\n{state.strip()}\n\n"
+                               "Give the final answer, ending with a line \"Answer: <answer>\".")
 
 
 TASKS: dict[str, type[Task]] = {}
@@ -216,3 +219,6 @@ class Game24Task(Task):
 
     def is_final(self, state: str) -> bool:
         return "answer:" in state.lower()
+
+    def conclude_prompt(self, question: Question, state: str) -> Message | None:
+        return None  # the paper's answer is the best state as it stands

@@ -15,8 +15,6 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from steer.critics import Question
-from steer.engine import Message
 from steer.search.base import (
     Context,
     Final,
@@ -263,13 +261,8 @@ class TreeOfThoughts(Strategy):
             return FinalPrompt(ctx.messages, ctx.params)
         best = max(pool, key=lambda n: n.scores.get("value", 0.0))
         best.chosen = True
-        if finals:
+        ask = None if finals else task.conclude_prompt(ctx.question, best.text)
+        if ask is None:
             return FinalText(best)
         # No state reached an answer: one last generation writes it from the best steps.
-        ask = _conclude(ctx.question, best.text)
         return FinalPrompt((*ctx.messages[:-1], ask), ctx.params, parent=best.id)
-
-
-def _conclude(question: Question, steps: str) -> Message:
-    return Message("user", f"{question.text}\n\nUse these steps:\n{steps.strip()}\n\n"
-                           "Give the final answer, ending with a line \"Answer: <answer>\".")
