@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 
 from steer.engine import (
@@ -56,6 +56,9 @@ class FakeEngine(Engine):
         self.hold: asyncio.Event | None = None  # set it to hold every generation open
         self.alive = True
         self.default_answer = "ok"
+        # Optional: answer by looking at the prompt instead of the queue.
+        self.respond: Callable[[Prompt, SamplingParams], str] | None = None
+        self._adapters: dict[str, AdapterRef] = {}
 
     def enqueue(self, *answers: str | tuple[str, float]) -> None:
         """Queue answers, served in order; `(text, logprob)` sets every token's logprob."""
@@ -83,12 +86,18 @@ class FakeEngine(Engine):
             raise PromptTooLong(n, params.max_tokens, self.max_model_len)
         return room if params.max_tokens is None else params.max_tokens
 
-    def _answer(self, limit: int) -> tuple[list[str], str, float]:
-        text, logprob = self._next()
+    def _answer(
+        self, limit: int, prompt: Prompt | None = None, params: SamplingParams | None = None
+    ) -> tuple[str, list[str], str, float]:
+        """(text, its tokens, finish reason, per-token logprob); text keeps its newlines."""
+        if self.respond is not None and prompt is not None and params is not None:
+            text, logprob = self.respond(prompt, params), -0.5
+        else:
+            text, logprob = self._next()
         words = text.split()
         if len(words) > limit:
-            return words[:limit], "length", logprob
-        return words, "stop", logprob
+            return " ".join(words[:limit]), words[:limit], "length", logprob
+        return text, words, "stop", logprob
 
     @staticmethod
     def _logprobs(
@@ -118,9 +127,9 @@ class FakeEngine(Engine):
         gens = []
         for i, (prompt, limit) in enumerate(zip(prompts, limits, strict=True)):
             for j in range(params.n):
-                words, finish, lp = self._answer(limit)
+                text, words, finish, lp = self._answer(limit, prompt, params)
                 gens.append(Generation(
-                    text=" ".join(words), prompt_tokens=self.count_prompt_tokens(prompt),
+                    text=text, prompt_tokens=self.count_prompt_tokens(prompt),
                     completion_tokens=len(words), finish_reason=finish,  # type: ignore[arg-type]
                     prompt_index=i, index=j, logprobs=self._logprobs(words, params.logprobs, lp),
                 ))
@@ -140,7 +149,7 @@ class FakeEngine(Engine):
         total = 0
         try:
             for j in range(params.n):
-                words, finish, lp = self._answer(limit)
+                _, words, finish, lp = self._answer(limit, prompt, params)
                 for k, w in enumerate(words):
                     if self.hold is not None:
                         await self.hold.wait()
@@ -158,6 +167,12 @@ class FakeEngine(Engine):
 
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
+
+    async def load_adapter(self, adapter: AdapterRef) -> None:
+        self._adapters[adapter.name] = adapter
+
+    def adapters(self) -> list[AdapterRef]:
+        return list(self._adapters.values())
 
     async def health(self) -> EngineHealth:
         return EngineHealth(ok=self.alive, detail="" if self.alive else "stopped")
