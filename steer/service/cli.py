@@ -16,7 +16,9 @@ from typing import Any
 
 import uvicorn
 
+from steer.engine import Engine
 from steer.engine.default_model import ModelPrepError, prepare_default_model
+from steer.engine.sequential import SequentialEngine
 from steer.engine.vllm_engine import VllmEngine, VllmEngineConfig
 from steer.service.admission import Admission
 from steer.service.app import create_app
@@ -40,6 +42,8 @@ SERVE_FLAGS: dict[str, dict[str, Any]] = {
     "max_tokens_cap": {"type": int, "help": "largest max_tokens a request may ask for (4096)"},
     "drain_timeout_s": {"type": float, "help": "SIGTERM: seconds to let requests finish (30)"},
     "log_level": {"help": "debug, info, warning (info)"},
+    "no_batching": {"action": "store_const", "const": True,
+                    "help": "benchmarks only: send every sequence as its own call, one at a time"},
 }
 
 
@@ -109,7 +113,9 @@ def serve(settings: Settings) -> int:
     except ModelPrepError as exc:
         print(f"steer: {exc}", file=sys.stderr)
         return 2
-    engine = VllmEngine(engine_config(settings, model_path))
+    engine: Engine = VllmEngine(engine_config(settings, model_path))
+    if settings.no_batching:
+        engine = SequentialEngine(engine)
     app = create_app(settings, engine)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,

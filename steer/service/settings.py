@@ -51,6 +51,7 @@ class Settings(BaseSettings):
     steer_max_total_tokens: int = Field(262144, ge=1)
     steer_timeout_s: float = Field(300.0, gt=0)
     templates_dir: Path | None = Field(None, description="extra prompt templates (*.toml)")
+    no_batching: bool = Field(False, description="benchmarks only: one sequence per call")
     trace_store_size: int = Field(256, ge=0)
     trace_ttl_s: float = Field(3600.0, gt=0)
 
