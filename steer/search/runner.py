@@ -137,6 +137,8 @@ class Steerer:
                 raise _invalid(exc, "steering.template") from exc
             template = (self.templates.get(fields.name, "steering.template.name"),
                         fields.variables, "steering.template")
+        if template is not None:
+            template[0].check_variables(template[1], template[2])
         adapters = {}
         for name in strategy.adapter_names():
             try:

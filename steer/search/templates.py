@@ -44,8 +44,7 @@ class PromptTemplate:
             ],
         }
 
-    def apply(self, messages: tuple[Message, ...], variables: Mapping[str, Any],
-              param: str) -> tuple[Message, ...]:
+    def check_variables(self, variables: Mapping[str, Any], param: str) -> None:
         missing = [v for v in self.required if v not in variables]
         if missing:
             raise SteeringInvalid(
@@ -58,6 +57,10 @@ class PromptTemplate:
                 f"template '{self.name}' has no variable '{unknown[0]}'",
                 f"{param}.variables.{unknown[0]}",
             )
+
+    def apply(self, messages: tuple[Message, ...], variables: Mapping[str, Any],
+              param: str) -> tuple[Message, ...]:
+        self.check_variables(variables, param)
         last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=None)
         if last_user is None:
             raise SteeringInvalid("templates need a user message", "messages")

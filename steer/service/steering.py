@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 
-from steer.engine import AdapterRef, EngineError, StreamDelta
+from steer.engine import AdapterRef, EngineError, PromptTooLong, StreamDelta
 from steer.search import (
     Progress,
     SearchError,
@@ -106,6 +106,10 @@ class SteeredChat:
             raise from_search_error(exc) from exc
         params = self.serving.sampling(req, req.max_tokens_field(), None)
         messages = tuple(to_message(m.role, m.text()) for m in req.messages)
+        engine = self.serving.engine
+        if engine.count_prompt_tokens(messages) >= engine.max_model_len:
+            raise from_search_error(PromptTooLong(engine.count_prompt_tokens(messages), None,
+                                                  engine.max_model_len))
         rid = new_id("steer")
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -138,42 +142,32 @@ class SteeredChat:
         self, stream: AsyncGenerator[Progress | StreamDelta | SteerResult, None], name: str,
         model: str, include_usage: bool, trace_id: str | None,
     ) -> EventSourceResponse:
+        # Validation is done (plan); headers go out now and progress streams as it happens.
         ticket = await self.admission.acquire()
         start = time.perf_counter()
-        try:
-            # The first item surfaces refusals (bad template variables, engine down) as
-            # HTTP errors before the 200 goes out.
-            first = await anext(stream)
-        except (SearchError, EngineError) as exc:
-            self.admission.release(ticket)
-            await stream.aclose()
-            raise from_search_error(exc) from exc
-        except BaseException:
-            self.admission.release(ticket)
-            await stream.aclose()
-            raise
         out = ChatRenderer(model)
 
         async def events() -> AsyncIterator[str]:
             try:
                 for event in out.start(1):
                     yield event
-                item: Progress | StreamDelta | SteerResult | None = first
-                while item is not None:
+                first_token = True
+                async for item in stream:
                     if isinstance(item, Progress):
                         yield out.progress(item.event)
                     elif isinstance(item, StreamDelta):
                         if item.text:
+                            if first_token:
+                                first_token = False
+                                self.metrics.ttft.labels(CHAT).observe(
+                                    time.perf_counter() - start)
                             yield out.content(item.text)
                     else:
-                        self.metrics.ttft.labels(CHAT).observe(time.perf_counter() - start)
                         self._count(name, item, time.perf_counter() - start)
                         extra = {"trace": self._trace(item, trace_id)} if trace_id else None
                         yield out.finish(item.finish_reason, extra)
                         if include_usage:
                             yield out.usage(_usage(item))
-                        break
-                    item = await anext(stream, None)
                 yield "[DONE]"
             except (SearchError, EngineError) as exc:
                 self.metrics.strategy_errors.labels(name).inc()
