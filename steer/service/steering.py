@@ -107,9 +107,9 @@ class SteeredChat:
         params = self.serving.sampling(req, req.max_tokens_field(), None)
         messages = tuple(to_message(m.role, m.text()) for m in req.messages)
         engine = self.serving.engine
-        if engine.count_prompt_tokens(messages) >= engine.max_model_len:
-            raise from_search_error(PromptTooLong(engine.count_prompt_tokens(messages), None,
-                                                  engine.max_model_len))
+        prompt_tokens = engine.count_prompt_tokens(messages)
+        if prompt_tokens >= engine.max_model_len:
+            raise from_search_error(PromptTooLong(prompt_tokens, None, engine.max_model_len))
         rid = new_id("steer")
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
