@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import uuid
 from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from steer.engine.base import (
     EngineDead,
     EngineNotReady,
     EngineRequestError,
+    InvalidAdapter,
     PromptTooLong,
 )
 from steer.engine.types import (
@@ -72,17 +74,49 @@ class VllmEngine(Engine):
         self._llm: Any = None
         self._tokenizer: Any = None
         self._groups: dict[str, set[str]] = {}
+        self._adapters: dict[int, AdapterRef] = {}
         self._closing = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        # Importing vllm and loading the model take tens of seconds and block; a thread keeps
-        # the event loop answering (e.g. /health says "loading") meanwhile.
-        self._llm = await asyncio.to_thread(self._build)
+        # Importing vllm and loading the model take tens of seconds and block, so they run in
+        # a thread and the event loop keeps answering (/health says "loading").
+        # subtle: a daemon thread, not asyncio.to_thread: a SIGTERM during loading must not
+        # wait for the load to finish, and an engine that finishes loading after shutdown
+        # began shuts itself down (see _build_unless_closing).
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Any] = loop.create_future()
+
+        def deliver(setter: Any, value: Any) -> None:
+            if not done.done():
+                setter(value)
+
+        def load() -> None:
+            try:
+                llm = self._build_unless_closing()
+            except BaseException as exc:
+                outcome: tuple[Any, Any] = (done.set_exception, exc)
+            else:
+                outcome = (done.set_result, llm)
+            try:
+                loop.call_soon_threadsafe(deliver, *outcome)
+            except RuntimeError:  # the loop is gone: the server exited while we loaded
+                if outcome[0] == done.set_result:
+                    outcome[1].shutdown()
+
+        threading.Thread(target=load, name="steer-engine-load", daemon=True).start()
+        self._llm = await done
         self._tokenizer = self._llm.get_tokenizer()
         logger.info("vLLM engine ready: %s (max_model_len=%d)", self.config.model,
                     self.config.max_model_len)
+
+    def _build_unless_closing(self) -> Any:
+        llm = self._build()
+        if self._closing:
+            llm.shutdown()
+            raise EngineNotReady("shut down while loading")
+        return llm
 
     def _build(self) -> Any:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -192,7 +226,10 @@ class VllmEngine(Engine):
             return None
         from vllm.lora.request import LoRARequest
 
-        return LoRARequest(adapter.name, adapter.int_id, adapter.path)
+        # subtle: vLLM compares LoRARequests by name (a set of them is deduplicated by name)
+        # and keys its prefix cache by (name, path). Two versions of one adapter, the old one
+        # finishing while the replacement starts, must differ in both: name them by id.
+        return LoRARequest(f"{adapter.name}#{adapter.int_id}", adapter.int_id, adapter.path)
 
     # -- generation ------------------------------------------------------------------------
 
@@ -310,12 +347,27 @@ class VllmEngine(Engine):
     async def load_adapter(self, adapter: AdapterRef) -> None:
         llm = self._ready_llm()
         if not self.capabilities.lora:
-            raise EngineRequestError("LoRA is not enabled on this engine")
-        await llm.add_lora(self._lora(adapter))
+            raise InvalidAdapter("LoRA is not enabled on this engine", reason="lora_disabled")
+        try:
+            await llm.add_lora(self._lora(adapter))
+        except Exception as exc:  # the worker's loader raises many kinds; all mean "refused"
+            translated = self._translate(exc)
+            if isinstance(translated, EngineDead):
+                raise translated from exc
+            raise InvalidAdapter(f"The engine refused the adapter: {exc}",
+                                 reason="engine_refused") from exc
+        self._adapters[adapter.int_id] = adapter
 
     async def unload_adapter(self, adapter: AdapterRef) -> None:
         llm = self._ready_llm()
-        await llm.remove_lora(adapter.int_id)
+        try:
+            await llm.remove_lora(adapter.int_id)
+        except Exception as exc:
+            raise self._translate(exc) from exc
+        self._adapters.pop(adapter.int_id, None)
+
+    def adapters(self) -> list[AdapterRef]:
+        return list(self._adapters.values())
 
 
 def _gib_str(gib: float) -> str:

@@ -19,10 +19,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from steer.critics import CriticError
 from steer.engine import (
+    AdapterConflict,
     EngineDead,
     EngineError,
     EngineNotReady,
     EngineRequestError,
+    InvalidAdapter,
     PromptTooLong,
     UnknownAdapter,
 )
@@ -68,10 +70,12 @@ def bad_request(message: str, param: str | None, code: str | None = None) -> API
     return APIError(400, message, param=param, code=code)
 
 
-def from_engine_error(exc: EngineError, prompt_param: str = "messages") -> APIError:
+def from_engine_error(
+    exc: EngineError, prompt_param: str = "messages", max_tokens_param: str = "max_tokens"
+) -> APIError:
     """Translate an engine exception (the table)."""
     if isinstance(exc, PromptTooLong):
-        param = prompt_param if exc.prompt_alone_too_long else "max_tokens"
+        param = prompt_param if exc.prompt_alone_too_long else max_tokens_param
         return APIError(400, str(exc), param=param, code="context_length_exceeded")
     if isinstance(exc, EngineNotReady):
         return APIError(
@@ -84,10 +88,24 @@ def from_engine_error(exc: EngineError, prompt_param: str = "messages") -> APIEr
             code="engine_dead",
         )
     if isinstance(exc, UnknownAdapter):
-        return APIError(404, str(exc), param="model", code="model_not_found")
+        return APIError(404, str(exc), type="not_found_error", param="model",
+                        code="model_not_found")
+    if isinstance(exc, InvalidAdapter):
+        return APIError(400, str(exc), param=f"lora_{exc.field}", code=exc.reason)
+    if isinstance(exc, AdapterConflict):
+        return APIError(409, str(exc), type="conflict_error", param="lora_name",
+                        code=exc.reason)
     if isinstance(exc, EngineRequestError):
         return APIError(400, str(exc), param=None)
     return APIError(500, f"engine error: {exc}", type="internal_error")
+
+
+def from_adapter_error(exc: EngineError) -> APIError:
+    """The table for the runtime adapter API, where an unknown name is `lora_name`'s."""
+    if isinstance(exc, UnknownAdapter):
+        return APIError(404, str(exc), type="not_found_error", param="lora_name",
+                        code="adapter_not_found")
+    return from_engine_error(exc)
 
 
 _FIELD = re.compile(r"^[a-z_][a-z0-9_]*$")

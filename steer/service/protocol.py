@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -66,12 +66,6 @@ class _Sampling(_Request):
     repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
     steering: SteeringSpec | None = None
 
-    @model_validator(mode="after")
-    def _stream_options_need_stream(self) -> _Sampling:
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
-        return self
-
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
@@ -108,12 +102,6 @@ class ChatCompletionRequest(_Sampling):
     # Other clients' ways to ask for steering (see steer.search.aliases).
     optillm_approach: str | None = None
     reasoning_effort: Literal["low", "medium", "high"] | None = None
-
-    @model_validator(mode="after")
-    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
-        if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs to be true")
-        return self
 
     def max_tokens_field(self) -> tuple[str, int | None]:
         """Which field set the completion limit (for error messages), and its value."""
@@ -277,6 +265,24 @@ class Completion(BaseModel):
     choices: list[CompletionChoice]
     usage: Usage | None
     system_fingerprint: str | None = None
+
+
+# -- adapters (vLLM's runtime LoRA API) ------------------------------------------------------
+
+
+class LoadLoraAdapterRequest(_Request):
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+    replace: bool = False
+    load_inplace: bool = False  # vLLM's name for `replace`
+
+
+class UnloadLoraAdapterRequest(_Request):
+    lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None  # vLLM's; accepted and ignored (the server owns the ids)
+
+
+# -- models -----------------------------------------------------------------------------------
 
 
 class ModelCard(BaseModel):

@@ -79,9 +79,10 @@ async def test_body_must_be_an_object(client: httpx.AsyncClient) -> None:
 
 
 async def test_cross_field_rules(client: httpx.AsyncClient) -> None:
-    assert_error(await client.post(CHAT, json=chat(top_logprobs=2)), 400, None)
+    assert_error(await client.post(CHAT, json=chat(top_logprobs=2)), 400, "top_logprobs")
     err = assert_error(
-        await client.post(CHAT, json=chat(stream_options={"include_usage": True})), 400, None
+        await client.post(CHAT, json=chat(stream_options={"include_usage": True})), 400,
+        "stream_options",
     )
     assert "stream" in err["message"]
 
@@ -114,6 +115,9 @@ async def test_max_tokens_beyond_remaining_context(client: httpx.AsyncClient) ->
     msg = [{"role": "user", "content": "word " * 40}]
     r = await client.post(CHAT, json={"model": "fake-model", "messages": msg, "max_tokens": 30})
     assert_error(r, 400, "max_tokens", "context_length_exceeded")
+    r = await client.post(CHAT, json={"model": "fake-model", "messages": msg,
+                                      "max_completion_tokens": 30})
+    assert_error(r, 400, "max_completion_tokens", "context_length_exceeded")
 
 
 async def test_streamed_refusal_is_an_http_error(client: httpx.AsyncClient) -> None:
