@@ -171,6 +171,10 @@ class FakeEngine(Engine):
     async def load_adapter(self, adapter: AdapterRef) -> None:
         self._adapters[adapter.name] = adapter
 
+    async def unload_adapter(self, adapter: AdapterRef) -> None:
+        if self._adapters.get(adapter.name) == adapter:  # not a newer version of the name
+            del self._adapters[adapter.name]
+
     def adapters(self) -> list[AdapterRef]:
         return list(self._adapters.values())
 

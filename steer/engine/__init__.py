@@ -4,11 +4,13 @@ Imports nothing else of Steer's. Backends: `vllm_engine.VllmEngine` (in-process 
 """
 
 from steer.engine.base import (
+    AdapterConflict,
     Engine,
     EngineDead,
     EngineError,
     EngineNotReady,
     EngineRequestError,
+    InvalidAdapter,
     PromptTooLong,
     UnknownAdapter,
 )
@@ -27,6 +29,7 @@ from steer.engine.types import (
 )
 
 __all__ = [
+    "AdapterConflict",
     "AdapterRef",
     "Capabilities",
     "Engine",
@@ -36,6 +39,7 @@ __all__ = [
     "EngineNotReady",
     "EngineRequestError",
     "Generation",
+    "InvalidAdapter",
     "Message",
     "Prompt",
     "PromptTooLong",

@@ -7,6 +7,8 @@ Exception tree (inner layers raise; `service/errors.py` maps these to HTTP):
     ├── EngineDead           the backend crashed; nothing will succeed until a restart
     ├── PromptTooLong        prompt (+ max_tokens) does not fit the context window
     ├── UnknownAdapter       a LoRA name the engine does not hold
+    ├── InvalidAdapter       an adapter that must not be loaded (path, files, rank, shapes)
+    ├── AdapterConflict      the name is taken, or the adapter is busy (unload while in use)
     └── EngineRequestError   the backend refused this one request (bad params)
 """
 
@@ -58,6 +60,24 @@ class PromptTooLong(EngineError):
 
 class UnknownAdapter(EngineError):
     pass
+
+
+class InvalidAdapter(EngineError):
+    """`reason` is a short code (`path_outside_root`, `pickle_weights_refused`, ...);
+    `field` says which input was wrong: "path" or "name"."""
+
+    def __init__(self, message: str, reason: str, field: str = "path") -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.field = field
+
+
+class AdapterConflict(EngineError):
+    """`reason`: `adapter_exists` (name taken) or `adapter_in_use` (unload timed out)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class EngineRequestError(EngineError):

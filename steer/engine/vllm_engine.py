@@ -136,6 +136,15 @@ class VllmEngine(Engine):
         else:
             extra["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         if cfg.enable_lora:
+            from steer.engine import vllm_patches
+
+            if not vllm_patches.registered():
+                # Without it, base requests batched with adapter requests on CPU can run on
+                # an adapter (see vllm_patches): refuse to serve wrong answers silently.
+                raise RuntimeError(
+                    "LoRA needs Steer's vLLM fix plugin, which is not installed: reinstall "
+                    "Steer (pip install -e .) so its 'vllm.general_plugins' entry point exists"
+                )
             extra.update(
                 enable_lora=True,
                 max_loras=cfg.max_loras,

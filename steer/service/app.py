@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -17,8 +17,16 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from steer import __version__
-from steer.engine import AdapterRef, Engine, EngineNotReady
+from steer.engine import AdapterRef, Engine, EngineNotReady, UnknownAdapter
+from steer.engine.adapters import AdapterRegistry
 from steer.search import Limits, Steerer, SteeringInvalid, TemplateLibrary
+from steer.service.adapters import (
+    AdapterAdmin,
+    AdapterLeaseMiddleware,
+    RequestAdapters,
+    admin_router,
+    build_registry,
+)
 from steer.service.admission import Admission
 from steer.service.errors import APIError, install_error_handlers
 from steer.service.metrics import Metrics, MetricsMiddleware
@@ -37,10 +45,14 @@ logger = logging.getLogger(__name__)
 
 
 class EngineState:
-    """Tracks the background engine start: loading, ready, or failed with a reason."""
+    """Tracks the background engine start: loading, ready, or failed with a reason.
+    `after_start` (the startup adapters) runs before the engine counts as ready."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(
+        self, engine: Engine, after_start: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
         self.engine = engine
+        self.after_start = after_start
         self.ready = False
         self.ready_event = asyncio.Event()
         self.failure: str | None = None
@@ -49,6 +61,8 @@ class EngineState:
     async def start(self) -> None:
         try:
             await self.engine.start()
+            if self.after_start is not None:
+                await self.after_start()
             self.ready = True
             self.ready_event.set()
         except Exception as exc:
@@ -60,18 +74,23 @@ class EngineState:
             raise EngineNotReady(self.failure or "the model is still loading")
 
 
-def create_app(settings: Settings, engine: Engine) -> FastAPI:
+def create_app(
+    settings: Settings, engine: Engine, adapters: AdapterRegistry | None = None
+) -> FastAPI:
     metrics = Metrics()
     admission = Admission(settings.max_concurrent_requests, settings.max_queued_requests, metrics)
-    state = EngineState(engine)
-    serving = Serving(engine, settings, metrics, admission)
+    registry = adapters or build_registry(settings, engine, model_dir=None)
+    request_adapters = RequestAdapters(registry, metrics)
+    admin = AdapterAdmin(registry, metrics)
+    state = EngineState(engine, after_start=lambda: admin.load_startup(settings.lora_modules))
+    serving = Serving(engine, settings, metrics, admission, request_adapters)
     templates = TemplateLibrary(settings.templates_dir)
     steerer = Steerer(
         engine,
         Limits(settings.steer_max_model_calls, settings.steer_max_total_tokens,
                settings.steer_timeout_s),
         templates,
-        resolve_adapter=lambda name: _adapter_by_name(engine, name),
+        resolve_adapter=lambda name: _adapter_by_name(request_adapters, name),
     )
     traces = TraceStore(settings.trace_store_size or 1, settings.trace_ttl_s)
     chats = SteeredChat(serving, steerer, metrics, admission, traces)
@@ -83,6 +102,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
             yield
         finally:
             state.task.cancel()
+            await registry.close()
             await engine.shutdown()
 
     app = FastAPI(title="Steer", version=__version__, lifespan=lifespan)
@@ -91,6 +111,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     app.state.admission = admission
     app.state.metrics = metrics
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(AdapterLeaseMiddleware)
     install_error_handlers(app)
 
     def authorized(request: Request) -> None:
@@ -110,6 +131,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
         state.require()
 
     generation = [Depends(authorized), Depends(ready)]
+    app.include_router(admin_router(admin, settings, ready))
 
     @app.post("/v1/chat/completions", dependencies=generation)
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
@@ -124,7 +146,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
         root = settings.model or engine.model_name
         return ModelList(data=[ModelCard(
             id=engine.model_name, created=0, root=root, max_model_len=engine.max_model_len
-        )])
+        ), *request_adapters.cards(engine.model_name)])
 
     @app.get("/v1/steering/templates", dependencies=[Depends(authorized)])
     async def list_templates() -> dict[str, Any]:
@@ -169,10 +191,10 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     return app
 
 
-def _adapter_by_name(engine: Engine, name: str) -> AdapterRef:
-    for adapter in engine.adapters():
-        if adapter.name == name:
-            return adapter
-    known = ", ".join(a.name for a in engine.adapters()) or "none loaded"
-    raise SteeringInvalid(f"unknown adapter '{name}'; adapters: {known}",
-                          "steering.critic.adapter")
+def _adapter_by_name(adapters: RequestAdapters, name: str) -> AdapterRef:
+    try:
+        return adapters.resolve(name)  # held until the response is finished
+    except UnknownAdapter as exc:
+        known = ", ".join(adapters.names()) or "none loaded"
+        raise SteeringInvalid(f"unknown adapter '{name}'; adapters: {known}",
+                              "steering.critic.adapter") from exc

@@ -11,15 +11,17 @@ import logging
 import signal
 import sys
 import threading
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import uvicorn
 
-from steer.engine import Engine
+from steer.engine import Engine, InvalidAdapter
 from steer.engine.default_model import ModelPrepError, prepare_default_model
 from steer.engine.sequential import SequentialEngine
 from steer.engine.vllm_engine import VllmEngine, VllmEngineConfig
+from steer.service.adapters import build_registry
 from steer.service.admission import Admission
 from steer.service.app import create_app
 from steer.service.settings import Settings
@@ -44,6 +46,14 @@ SERVE_FLAGS: dict[str, dict[str, Any]] = {
     "log_level": {"help": "debug, info, warning (info)"},
     "no_batching": {"action": "store_const", "const": True,
                     "help": "benchmarks only: send every sequence as its own call, one at a time"},
+    "enable_lora": {"action": "store_const", "const": True,
+                    "help": "serve LoRA adapters (on by itself with --lora or STEER_ADMIN_KEY)"},
+    "max_loras": {"type": int, "help": "LoRA adapters resident in one batch (4)"},
+    "max_lora_rank": {"type": int, "help": "largest LoRA rank accepted (16)"},
+    "max_cpu_loras": {"type": int, "help": "LoRA adapters cached in memory (max-loras)"},
+    "adapter_root": {"help": "runtime adapter loads must lie inside it (<cache-dir>/adapters)"},
+    "adapter_unload_timeout_s": {"type": float,
+                                 "help": "how long an unload waits for requests using it (30)"},
 }
 
 
@@ -58,9 +68,10 @@ def engine_config(settings: Settings, model_path: str) -> VllmEngineConfig:
         enforce_eager=settings.enforce_eager,
         enable_prefix_caching=settings.enable_prefix_caching,
         max_num_seqs=settings.max_num_seqs,
-        enable_lora=settings.enable_lora,
+        enable_lora=settings.lora_enabled(),
         max_loras=settings.max_loras,
         max_lora_rank=settings.max_lora_rank,
+        max_cpu_loras=settings.max_cpu_loras,
     )
 
 
@@ -116,7 +127,13 @@ def serve(settings: Settings) -> int:
     engine: Engine = VllmEngine(engine_config(settings, model_path))
     if settings.no_batching:
         engine = SequentialEngine(engine)
-    app = create_app(settings, engine)
+    try:
+        # Startup adapters are checked now, before the engine loads: a bad --lora fails fast.
+        adapters = build_registry(settings, engine, Path(model_path), check_startup=True)
+    except InvalidAdapter as exc:
+        print(f"steer: --lora: {exc}", file=sys.stderr)
+        return 2
+    app = create_app(settings, engine, adapters)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
         timeout_graceful_shutdown=5, access_log=False,
@@ -145,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve_p = sub.add_parser("serve", help="start the OpenAI-compatible server")
     for name, kw in SERVE_FLAGS.items():
         serve_p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, **kw)
+    serve_p.add_argument(
+        "--lora", dest="lora_modules", action="append", default=None, metavar="NAME=PATH",
+        help="serve the LoRA adapter at PATH as model NAME (repeatable; STEER_LORA_MODULES)",
+    )
     models_p = sub.add_parser("models", help="manage models")
     models_sub = models_p.add_subparsers(dest="models_command", required=True)
     prep_p = models_sub.add_parser(

@@ -17,6 +17,7 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20)
 KNOWN_ROUTES = frozenset({
     "/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics",
     "/v1/steering/templates", "/v1/steering/traces",
+    "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
 })
 
 
@@ -79,6 +80,24 @@ class Metrics:
         )
         self.strategy_errors = Counter(
             "steer_strategy_errors", "Steered requests that failed", ["strategy"], registry=r
+        )
+        self.adapter_loads = Counter(
+            "steer_adapter_loads", "LoRA adapters loaded (startup, runtime, replacements)",
+            registry=r,
+        )
+        self.adapter_unloads = Counter(
+            "steer_adapter_unloads", "LoRA adapters unloaded", registry=r
+        )
+        self.adapter_failures = Counter(
+            "steer_adapter_failures", "Refused adapter loads/unloads, by operation and reason",
+            ["op", "reason"], registry=r,
+        )
+        self.adapters_resident = Gauge(
+            "steer_adapters_resident", "LoRA adapters currently served", registry=r
+        )
+        self.adapter_requests = Counter(
+            "steer_adapter_requests", "Requests that used each adapter (as model or role)",
+            ["adapter"], registry=r,
         )
 
     def render(self) -> bytes:

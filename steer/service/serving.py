@@ -27,6 +27,7 @@ from steer.engine import (
     StreamEnd,
     TokenLogprob,
 )
+from steer.service.adapters import RequestAdapters
 from steer.service.admission import Admission
 from steer.service.errors import APIError, bad_request, from_engine_error, sse_error
 from steer.service.metrics import Metrics
@@ -62,18 +63,22 @@ class Serving:
     settings: Settings
     metrics: Metrics
     admission: Admission
+    adapters: RequestAdapters | None = None
 
     # -- checks ------------------------------------------------------------------------------
 
     def check_model(self, model: str) -> AdapterRef | None:
-        """The adapter a model name selects (None: the base model); 404 for unknown names."""
-        if model != self.engine.model_name:
+        """The adapter a model name selects (None: the base model); 404 for unknown names.
+        The adapter stays held (an unload waits) until this request's response is finished."""
+        if model == self.engine.model_name:
+            return None
+        if self.adapters is None:
             raise APIError(
                 404,
                 f"The model '{model}' does not exist. Available: {self.engine.model_name}",
                 type="not_found_error", param="model", code="model_not_found",
             )
-        return None
+        return self.adapters.resolve(model)  # UnknownAdapter: 404 listing what exists
 
     def sampling(
         self,
@@ -82,6 +87,13 @@ class Serving:
         logprobs: int | None,
     ) -> SamplingParams:
         field, limit = max_tokens
+        # Cross-field rules live here, not in the wire model, so the error can name the field.
+        if req.stream_options is not None and not req.stream:
+            raise bad_request("stream_options is only allowed when stream is true",
+                              "stream_options")
+        if isinstance(req, ChatCompletionRequest) and req.top_logprobs is not None and (
+                not req.logprobs):
+            raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
         if req.n > self.settings.max_n:
             raise bad_request(f"n must be at most {self.settings.max_n} on this server", "n")
         if limit is not None and limit > self.settings.max_tokens_cap:
@@ -120,7 +132,7 @@ class Serving:
 
     async def chat(self, req: ChatCompletionRequest, http: Request) -> Any:
         """A plain (unsteered) chat completion."""
-        self.check_model(req.model)
+        adapter = self.check_model(req.model)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self.sampling(req, req.max_tokens_field(), logprobs)
         messages = [to_message(m.role, m.text()) for m in req.messages]
@@ -128,9 +140,10 @@ class Serving:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return await self._stream(
                 messages, params, CHAT, "messages", include_usage,
-                lambda: ChatRenderer(req.model),
+                lambda: ChatRenderer(req.model), adapter, req.max_tokens_field()[0],
             )
-        gens = await self._generate(http, [messages], params, CHAT, "messages")
+        gens = await self._generate(http, [messages], params, CHAT, "messages", adapter,
+                                    req.max_tokens_field()[0])
         return ChatCompletion(
             id=new_id("chatcmpl"),
             created=now(),
@@ -150,7 +163,7 @@ class Serving:
     # -- completions -------------------------------------------------------------------------
 
     async def completion(self, req: CompletionRequest, http: Request) -> Any:
-        self.check_model(req.model)
+        adapter = self.check_model(req.model)
         self.check_steering(req.steering)
         if req.echo and req.logprobs is not None:
             raise bad_request("echo with logprobs is not supported", "echo")
@@ -163,9 +176,9 @@ class Serving:
             echo = prompts[0] if req.echo else ""
             return await self._stream(
                 prompts[0], params, COMPLETIONS, "prompt", include_usage,
-                lambda: CompletionRenderer(req.model, echo),
+                lambda: CompletionRenderer(req.model, echo), adapter,
             )
-        gens = await self._generate(http, list(prompts), params, COMPLETIONS, "prompt")
+        gens = await self._generate(http, list(prompts), params, COMPLETIONS, "prompt", adapter)
         return Completion(
             id=new_id("cmpl"),
             created=now(),
@@ -186,18 +199,19 @@ class Serving:
 
     async def _generate(
         self, http: Request, prompts: list[Prompt], params: SamplingParams, route: str,
-        prompt_param: str,
+        prompt_param: str, adapter: AdapterRef | None = None,
+        max_tokens_param: str = "max_tokens",
     ) -> list[Generation]:
         ticket = await self.admission.acquire()
         rid = new_id("req")
         start = time.perf_counter()
         try:
             gens = await cancel_on_disconnect(
-                http, lambda: self.engine.generate(prompts, params, request_id=rid),
+                http, lambda: self.engine.generate(prompts, params, adapter, request_id=rid),
                 on_cancel=lambda: self.engine.abort(rid),
             )
         except EngineError as exc:
-            raise from_engine_error(exc, prompt_param) from exc
+            raise from_engine_error(exc, prompt_param, max_tokens_param) from exc
         finally:
             self.admission.release(ticket)
         usage = _usage(gens)
@@ -208,19 +222,20 @@ class Serving:
 
     async def _stream(
         self, prompt: Prompt, params: SamplingParams, route: str, prompt_param: str,
-        include_usage: bool, renderer: Callable[[], Renderer],
+        include_usage: bool, renderer: Callable[[], Renderer], adapter: AdapterRef | None = None,
+        max_tokens_param: str = "max_tokens",
     ) -> EventSourceResponse:
         ticket = await self.admission.acquire()
         rid = new_id("req")
         start = time.perf_counter()
-        stream = self.engine.stream(prompt, params, request_id=rid)
+        stream = self.engine.stream(prompt, params, adapter, request_id=rid)
         try:
             # Pull the first item before answering, so a refusal (prompt too long, engine
             # down) is a proper HTTP error instead of an error inside a 200 stream.
             first = await anext(stream)
         except EngineError as exc:
             self.admission.release(ticket)
-            raise from_engine_error(exc, prompt_param) from exc
+            raise from_engine_error(exc, prompt_param, max_tokens_param) from exc
         except BaseException:
             self.admission.release(ticket)
             raise

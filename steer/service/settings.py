@@ -5,10 +5,12 @@ Per-request knobs never live here; they are fields of the validated request.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from steer.engine.default_model import DEFAULT_MODEL_NAME
 
@@ -35,9 +37,20 @@ class Settings(BaseSettings):
     enforce_eager: bool = True
     enable_prefix_caching: bool = True
     max_num_seqs: int = Field(128, ge=1)
-    enable_lora: bool = False
-    max_loras: int = Field(4, ge=1)
+    enable_lora: bool = False  # also on when adapters are configured or the admin key is set
+    max_loras: int = Field(4, ge=1, description="adapters resident in one batch")
     max_lora_rank: int = Field(16, ge=1)
+    max_cpu_loras: int | None = Field(None, ge=1, description="adapters cached in memory")
+
+    # LoRA adapters: NAME=PATH pairs loaded at startup; the runtime API (admin key) loads more
+    lora_modules: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    admin_key: SecretStr | None = None
+    adapter_root: Path | None = Field(
+        None, description="runtime loads must lie inside it; default <cache_dir>/adapters"
+    )
+    adapter_unload_timeout_s: float = Field(
+        30.0, ge=0, description="how long an unload waits for requests still using it"
+    )
 
     # Limits
     max_concurrent_requests: int = Field(64, ge=1)
@@ -55,9 +68,56 @@ class Settings(BaseSettings):
     trace_store_size: int = Field(256, ge=0)
     trace_ttl_s: float = Field(3600.0, gt=0)
 
+    @field_validator("lora_modules", mode="before")
+    @classmethod
+    def _parse_lora_modules(cls, value: object) -> object:
+        return parse_lora_modules(value)
+
+    @model_validator(mode="after")
+    def _check_lora(self) -> Settings:
+        if self.max_lora_rank not in LORA_RANKS:
+            raise ValueError(f"max_lora_rank must be one of {', '.join(map(str, LORA_RANKS))}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError("max_cpu_loras must be at least max_loras")
+        return self
+
+    def lora_enabled(self) -> bool:
+        return self.enable_lora or bool(self.lora_modules) or self.admin_key is not None
+
+    def adapters_dir(self) -> Path:
+        return (self.adapter_root or self.cache_dir / "adapters").expanduser()
+
     def model_name(self) -> str:
         if self.served_model_name:
             return self.served_model_name
         if self.model:
             return Path(self.model).name or self.model
         return DEFAULT_MODEL_NAME
+
+
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM accepts for max_lora_rank
+
+
+def parse_lora_modules(value: object) -> object:
+    """`NAME=PATH` pairs as a list (repeated `--lora`), one string separated by commas or
+    spaces (`STEER_LORA_MODULES`), or JSON (an object, or vLLM's list of {name, path})."""
+    if isinstance(value, str):
+        text = value.strip()
+        is_json = text.startswith(("{", "["))
+        value = json.loads(text) if is_json else text.replace(",", " ").split()
+    if isinstance(value, list):
+        pairs: dict[str, str] = {}
+        for item in value:
+            if isinstance(item, dict):
+                name, path = item.get("name"), item.get("path")
+            elif isinstance(item, str) and "=" in item:
+                name, _, path = item.partition("=")
+            else:
+                raise ValueError(f"expected NAME=PATH, got {item!r}")
+            if not name or not path:
+                raise ValueError(f"expected NAME=PATH, got {item!r}")
+            if name in pairs:
+                raise ValueError(f"adapter {name!r} is given twice")
+            pairs[str(name)] = str(path)
+        return pairs
+    return value

@@ -1,0 +1,79 @@
+"""The vLLM fix plugin: base-model tokens (LoRA index -1) get no LoRA delta on CPU, valid
+tokens get exactly what vLLM's own ops give, and the plugin is installed and patches vLLM."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from steer.engine import vllm_patches
+
+torch.manual_seed(0)
+SLOTS, IN, OUT, RANK, TOKENS = 3, 6, 5, 2, 4
+INDICES = torch.tensor([-1, 0, 2, -1])  # base, slot 0, slot 2 (the last), base
+
+
+def vllm_ops():  # type: ignore[no-untyped-def]
+    return importlib.import_module("vllm.lora.ops.torch_ops.lora_ops")
+
+
+def test_shrink_and_expand_skip_base_tokens() -> None:
+    x = torch.randn(TOKENS, IN)
+    a = torch.randn(SLOTS, RANK, IN)
+    b = torch.randn(SLOTS, OUT, RANK)
+    shrunk = torch.zeros(TOKENS, RANK)
+    vllm_patches.bgmv_shrink(x, a, shrunk, INDICES, 0.5)
+    out = torch.ones(TOKENS, OUT)
+    vllm_patches.bgmv_expand(shrunk, b, out, INDICES, add_inputs=True)
+    for t, slot in enumerate(INDICES.tolist()):
+        if slot < 0:
+            assert torch.equal(out[t], torch.ones(OUT))  # untouched: no adapter
+        else:
+            expected = 1 + b[slot] @ (0.5 * a[slot] @ x[t])
+            assert torch.allclose(out[t], expected, atol=1e-5)
+    sliced = torch.ones(TOKENS, OUT + 3)
+    vllm_patches.bgmv_expand_slice(shrunk, b, sliced, INDICES, 3, OUT, add_inputs=True)
+    assert torch.equal(sliced[:, 3:], out)
+    assert torch.equal(sliced[:, :3], torch.ones(TOKENS, 3))
+
+
+def test_valid_tokens_match_vllm_bit_for_bit() -> None:
+    x = torch.randn(TOKENS, IN)
+    a = torch.randn(SLOTS, RANK, IN)
+    valid = torch.tensor([0, 2, 1, 1])
+    ours, theirs = torch.zeros(TOKENS, RANK), torch.zeros(TOKENS, RANK)
+    vllm_patches.bgmv_shrink(x, a, ours, valid, 2.0)
+    vllm_ops().bgmv_shrink(x, a, theirs, valid, 2.0)
+    assert torch.equal(ours, theirs)
+
+
+def test_the_bug_exists_in_this_vllm() -> None:
+    # If this starts failing, vLLM fixed it (vllm-project/vllm#48421) and the patch can go.
+    x = torch.randn(1, IN)
+    a = torch.randn(SLOTS, RANK, IN)
+    out = torch.zeros(1, RANK)
+    original = vllm_ops().bgmv_shrink
+    if getattr(vllm_ops(), "_steer_fixed", False):
+        pytest.skip("already patched in this process")
+    original(x, a, out, torch.tensor([-1]), 1.0)
+    assert torch.allclose(out[0], a[-1] @ x[0])  # the base token got the last slot's adapter
+
+
+def test_plugin_is_installed_and_patches(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert vllm_patches.registered()
+    monkeypatch.setenv("VLLM_PLUGINS", "something_else")
+    assert not vllm_patches.registered()
+    modules = [vllm_ops(), importlib.import_module("vllm.lora.ops.torch_ops"),
+               importlib.import_module("vllm.lora.punica_wrapper.punica_cpu")]
+    for module in modules:  # restored after the test
+        for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, getattr(module, name))
+    monkeypatch.setattr(vllm_ops(), "_steer_fixed", False, raising=False)
+    vllm_patches.apply()
+    vllm_patches.apply()  # idempotent
+    for module in modules:
+        assert module.bgmv_shrink is vllm_patches.bgmv_shrink
+        assert module.bgmv_expand is vllm_patches.bgmv_expand
