@@ -143,7 +143,8 @@ def test_tot_game24_tree_and_stored_trace(oai: openai.OpenAI, http: httpx.Client
     stored = http.get(f"/v1/steering/traces/{trace['id']}")
     assert stored.status_code == 200 and stored.json()["nodes"] == trace["nodes"]
     dot = http.get(f"/v1/steering/traces/{trace['id']}", params={"format": "dot"})
-    assert dot.text.startswith('digraph "tot"') and "->" in dot.text
+    assert dot.text.startswith('digraph "tot"') and "n0 [" in dot.text
+    assert ("->" in dot.text) == bool(thoughts)
 
 
 def test_reflection_with_verifier_feedback(oai: openai.OpenAI) -> None:
