@@ -32,7 +32,7 @@ loadtests/results/bench_strategies.json (--quick: bench_strategies_quick.json). 
 to 127.0.0.1 only.
 
 Run:  .venv/bin/python loadtests/bench_strategies.py            (full: ~40-70 min on 2 busy cores)
-      .venv/bin/python loadtests/bench_strategies.py --quick    (smoke run, a few minutes)
+      .venv/bin/python loadtests/bench_strategies.py --quick    (smoke run, ~10 min: 4 servers)
       .venv/bin/python loadtests/bench_strategies.py --reuse-part1 old.json   (part 3 only;
       part 1/2 rows are taken from an earlier run's JSON and marked as such)
 optillm: python3.11 -m venv /tmp/optillm-venv && /tmp/optillm-venv/bin/pip install --no-deps

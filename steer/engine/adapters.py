@@ -192,6 +192,9 @@ class AdapterRegistry:
 
     async def unload(self, name: str) -> AdapterRef:
         """Unpublish `name`, wait for its running requests, remove it from the engine."""
+        if name == self.engine.model_name:
+            raise InvalidAdapter(f"'{name}' is the base model; only adapters can be unloaded.",
+                                 reason="base_model", field="name")
         async with self._lock(name):
             version = self._current.pop(name, None)
             if version is None:

@@ -12,8 +12,15 @@ The fixes:
   base-model token's index is -1, which Python indexing turns into the *last* LoRA slot. So a
   request without an adapter, batched next to adapter requests while the last slot is
   occupied, silently runs with that adapter. Fixed as upstream proposes: gather with the index
-  clamped to 0, then zero the LoRA delta of the -1 tokens (the Triton kernels skip them). For
-  valid indices the result is bit-for-bit unchanged.
+  clamped to 0, then zero the LoRA delta of the -1 tokens (the Triton kernels skip them).
+
+- CPU LoRA, slow ops (same functions). They gather a copy of the adapter weights for every
+  token and multiply with a batched einsum of tiny matrices. The replacements use plain
+  matmuls: one when every token is on one adapter; for mixed batches, one against all slots'
+  matrices at once (small batches: decode steps) or one per adapter over its rows (96+
+  tokens: prefills). Same values up to float rounding; per call 1.4-2x faster for decode
+  steps, 5-15x for prefills (measured, bf16, rank 8, 4 slots). Steps with no adapter token
+  (LoRA enabled, only base requests) are skipped; vLLM computes them for every LoRA layer.
 """
 
 from __future__ import annotations
@@ -61,25 +68,40 @@ def apply() -> None:
                 setattr(module, name, fixed[name])
     # The sgmv_* (prefill) ops call the bgmv_* ones through the module globals patched above.
     ops._steer_fixed = True  # type: ignore[attr-defined]
-    logger.debug("steer: patched vLLM's CPU LoRA ops (base tokens, index -1)")
+    logger.debug("steer: patched vLLM's CPU LoRA ops (base tokens, speed)")
 
 
-def _gather(
-    weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each token's adapter weights, and a (tokens, 1) mask of the tokens without one."""
-    selected = weights[indices.clamp(min=0)].to(dtype=dtype)
-    if selected.dim() == 4:
-        selected = selected.squeeze(dim=1)
-    return selected, (indices < 0).unsqueeze(1)
+# From this many tokens on, a mixed batch is faster as one matmul per adapter over its rows;
+# below, as one matmul against every slot's matrix at once (measured on this CPU, 4 slots).
+GROUPED_MIN_TOKENS = 96
 
 
 def _delta(
     inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
-    selected, no_lora = _gather(weights, indices, dtype)
-    outputs = torch.einsum("bi, boi -> bo", inputs.to(dtype=dtype), selected)
-    return outputs.masked_fill(no_lora[: outputs.shape[0]], 0)
+    """Each token's product with its adapter's matrix; zero for tokens without an adapter."""
+    w = weights.squeeze(dim=1) if weights.dim() == 4 else weights  # (slots, out, in)
+    x = inputs.to(dtype=dtype)
+    first = int(indices[0])
+    if first >= 0 and bool((indices == first).all()):  # every token on one adapter
+        return x @ w[first].to(dtype=dtype).T
+    if x.shape[0] < GROUPED_MIN_TOKENS:
+        n_slots, out_dim, in_dim = w.shape
+        every = x @ w.reshape(n_slots * out_dim, in_dim).to(dtype=dtype).T
+        rows = torch.arange(x.shape[0], device=x.device)
+        outputs = every.view(-1, n_slots, out_dim)[rows, indices.clamp(min=0)]
+        return outputs.masked_fill((indices < 0).unsqueeze(1), 0)
+    slots = torch.unique(indices).tolist()
+    out = torch.zeros(x.shape[0], w.shape[1], dtype=dtype, device=x.device)
+    for slot in slots:  # one matmul per adapter over its rows; base rows stay zero
+        if slot >= 0:
+            rows = (indices == slot).nonzero().squeeze(dim=1)
+            out.index_copy_(0, rows, x.index_select(0, rows) @ w[slot].to(dtype=dtype).T)
+    return out
+
+
+def _all_base(indices: torch.Tensor) -> bool:
+    return bool((indices < 0).all())
 
 
 def bgmv_shrink(
@@ -89,6 +111,9 @@ def bgmv_shrink(
     lora_indices_tensor: torch.Tensor,
     scaling: float = 1.0,
 ) -> None:
+    if _all_base(lora_indices_tensor):
+        output_tensor[:, : lora_b_weights.shape[-2]] = 0
+        return
     outputs = _delta(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     output_tensor[:, : outputs.shape[1]] = scaling * outputs[:]
 
@@ -100,6 +125,10 @@ def bgmv_expand(
     lora_indices_tensor: torch.Tensor,
     add_inputs: bool = True,
 ) -> None:
+    if _all_base(lora_indices_tensor):
+        if not add_inputs:
+            output_tensor[:, : lora_b_weights.shape[-2]] = 0
+        return
     outputs = _delta(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     limit = output_tensor.shape[0]
     if outputs.shape[0] == 1 and output_tensor.shape[0] != 1:
@@ -121,6 +150,10 @@ def bgmv_expand_slice(
     slice_size: int,
     add_inputs: bool = True,
 ) -> None:
+    if _all_base(lora_indices_tensor):
+        if not add_inputs:
+            output_tensor[:, slice_offset : slice_offset + slice_size] = 0
+        return
     outputs = _delta(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     if add_inputs:
         output_tensor[:, slice_offset : slice_offset + slice_size] += outputs[:]

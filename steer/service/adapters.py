@@ -13,6 +13,7 @@ answers 403 saying it is off. Startup adapters (`--lora NAME=PATH`) need no key.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
@@ -29,6 +30,8 @@ from steer.service.errors import APIError, from_adapter_error
 from steer.service.metrics import Metrics
 from steer.service.protocol import LoadLoraAdapterRequest, ModelCard, UnloadLoraAdapterRequest
 from steer.service.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 LOAD_ROUTE, UNLOAD_ROUTE = "/v1/load_lora_adapter", "/v1/unload_lora_adapter"
 
@@ -129,8 +132,11 @@ def build_registry(
     against its weight shapes. `check_startup` validates the `--lora` adapters now (raising
     `InvalidAdapter`); they are loaded into the engine once it has started."""
     model = None
-    if model_dir is not None and model_dir.is_dir():
+    if model_dir is not None and any(model_dir.glob("*.safetensors")):
         model = ModelModules.from_checkpoint(model_dir)
+    elif model_dir is not None:
+        logger.warning("no safetensors in %s: adapters are not checked against the model's "
+                       "shapes", model_dir)
     if check_startup:
         for name, path in settings.lora_modules.items():
             check_name(name)

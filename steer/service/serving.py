@@ -80,6 +80,10 @@ class Serving:
             )
         return self.adapters.resolve(model)  # UnknownAdapter: 404 listing what exists
 
+    def served_names(self) -> list[str]:
+        """The names a request's `model` may use: the base model's, then every adapter's."""
+        return [self.engine.model_name, *(self.adapters.names() if self.adapters else ())]
+
     def sampling(
         self,
         req: ChatCompletionRequest | CompletionRequest,

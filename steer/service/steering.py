@@ -86,7 +86,7 @@ class SteeredChat:
 
     async def handle(self, req: ChatCompletionRequest, http: Request) -> Any:
         """Every chat completion: plain ones go straight to the engine, steered ones search."""
-        spec, model = requested_spec(req, [self.serving.engine.model_name])
+        spec, model = requested_spec(req, self.serving.served_names())
         if spec is None:
             return await self.serving.chat(req, http)
         adapter = self.serving.check_model(model)

@@ -117,6 +117,21 @@ async def test_load_use_unload(client: httpx.AsyncClient, fake: FakeEngine, root
     assert r.json()["error"]["code"] == "adapter_not_found"
 
 
+async def test_steering_on_an_adapter(client: httpx.AsyncClient, fake: FakeEngine) -> None:
+    await client.post(LOAD, json={"lora_name": "tone", "lora_path": "tone"}, headers=ADMIN)
+    await client.post(LOAD, json={"lora_name": "judge", "lora_path": "judge"}, headers=ADMIN)
+    body = chat("tone") | {"steering": {"strategy": "best_of_n", "options": {"n": 2},
+                                        "critic": {"name": "llm_judge", "adapter": "judge"}}}
+    r = await client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    r = await client.post("/v1/chat/completions", json=chat("bon-tone"))  # optillm's form
+    assert r.status_code == 200, r.text
+    used = {c.adapter.name if c.adapter else None for c in fake.history}
+    assert used == {"tone", "judge"}  # every call ran on an adapter, none on the base
+    text = (await client.get("/metrics")).text
+    assert metric(text, "steer_adapter_requests_total", adapter="judge") == 1
+
+
 async def test_unknown_model_lists_adapters(client: httpx.AsyncClient) -> None:
     await client.post(LOAD, json={"lora_name": "tone", "lora_path": "tone"}, headers=ADMIN)
     r = await client.post("/v1/chat/completions", json=chat("nope"))
@@ -291,3 +306,9 @@ def test_cli_lora_flags(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_bad_lora_settings(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         Settings(**kwargs)
+
+
+def test_registry_without_safetensors_skips_shape_checks(tmp_path: Path) -> None:
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")  # a checkpoint we cannot read shapes of
+    assert build_registry(Settings(), FakeEngine(), tmp_path).model is None
+    assert build_registry(Settings(), FakeEngine(), write_base(tmp_path / "b")).model is not None

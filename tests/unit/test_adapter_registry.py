@@ -84,6 +84,9 @@ async def test_unknown_names_list_what_exists(registry: AdapterRegistry) -> None
         registry.lease("zzz")
     with pytest.raises(UnknownAdapter):
         await registry.unload("zzz")
+    with pytest.raises(InvalidAdapter) as exc:
+        await registry.unload("fake-model")
+    assert exc.value.reason == "base_model"
 
 
 @pytest.mark.parametrize(

@@ -39,14 +39,42 @@ def test_shrink_and_expand_skip_base_tokens() -> None:
     assert torch.equal(sliced[:, :3], torch.ones(TOKENS, 3))
 
 
-def test_valid_tokens_match_vllm_bit_for_bit() -> None:
-    x = torch.randn(TOKENS, IN)
+@pytest.mark.parametrize("tokens", [8, 128])  # both sides of GROUPED_MIN_TOKENS
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("four_d", [False, True])
+def test_valid_tokens_match_vllm(tokens: int, dtype: torch.dtype, four_d: bool) -> None:
+    # vLLM's own ops are the reference wherever they are right (no -1 index): same values up
+    # to rounding (plain matmuls instead of one tiny product per token).
+    assert 8 < vllm_patches.GROUPED_MIN_TOKENS <= 128
+    x = torch.randn(tokens, IN, dtype=dtype)
+    a = torch.randn(SLOTS, RANK, IN, dtype=dtype)
+    b = torch.randn(SLOTS, OUT, RANK, dtype=dtype)
+    if four_d:
+        a, b = a.unsqueeze(1), b.unsqueeze(1)
+    tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 0.1, "rtol": 0.02}
+    for valid in (torch.randint(0, SLOTS, (tokens,)), torch.full((tokens,), 1)):
+        ours = torch.zeros(tokens, RANK, dtype=dtype)
+        theirs = torch.zeros(tokens, RANK, dtype=dtype)
+        vllm_patches.bgmv_shrink(x, a, ours, valid, 2.0)
+        vllm_ops().bgmv_shrink(x, a, theirs, valid, 2.0)
+        assert torch.allclose(ours.float(), theirs.float(), **tol)
+        out_ours = torch.ones(tokens, OUT, dtype=dtype)
+        out_theirs = torch.ones(tokens, OUT, dtype=dtype)
+        vllm_patches.bgmv_expand(theirs, b, out_ours, valid, add_inputs=True)
+        vllm_ops().bgmv_expand(theirs, b, out_theirs, valid, add_inputs=True)
+        assert torch.allclose(out_ours.float(), out_theirs.float(), **tol)
+
+
+@pytest.mark.parametrize("repeat", [1, 16])  # 8 and 128 tokens
+def test_mixed_slots_and_base_tokens_against_a_reference(repeat: int) -> None:
+    indices = torch.tensor([2, -1, 0, 2, 1, -1, 0, 0] * repeat)
+    x = torch.randn(len(indices), IN)
     a = torch.randn(SLOTS, RANK, IN)
-    valid = torch.tensor([0, 2, 1, 1])
-    ours, theirs = torch.zeros(TOKENS, RANK), torch.zeros(TOKENS, RANK)
-    vllm_patches.bgmv_shrink(x, a, ours, valid, 2.0)
-    vllm_ops().bgmv_shrink(x, a, theirs, valid, 2.0)
-    assert torch.equal(ours, theirs)
+    got = torch.zeros(len(indices), RANK)
+    vllm_patches.bgmv_shrink(x, a, got, indices, 1.0)
+    for t, slot in enumerate(indices.tolist()):
+        expected = torch.zeros(RANK) if slot < 0 else a[slot] @ x[t]
+        assert torch.allclose(got[t], expected, atol=1e-5), t
 
 
 def test_the_bug_exists_in_this_vllm() -> None:
@@ -77,3 +105,22 @@ def test_plugin_is_installed_and_patches(monkeypatch: pytest.MonkeyPatch) -> Non
     for module in modules:
         assert module.bgmv_shrink is vllm_patches.bgmv_shrink
         assert module.bgmv_expand is vllm_patches.bgmv_expand
+
+
+def test_all_base_steps_take_the_fast_path() -> None:
+    base = torch.tensor([-1, -1, -1, -1])
+    x = torch.randn(TOKENS, IN)
+    a = torch.randn(SLOTS, RANK, IN)
+    b = torch.randn(SLOTS, OUT, RANK)
+    shrunk = torch.full((TOKENS, RANK), 7.0)
+    vllm_patches.bgmv_shrink(x, a, shrunk, base, 1.0)
+    assert torch.equal(shrunk, torch.zeros(TOKENS, RANK))
+    out = torch.ones(TOKENS, OUT)
+    vllm_patches.bgmv_expand(shrunk, b, out, base, add_inputs=True)
+    assert torch.equal(out, torch.ones(TOKENS, OUT))
+    vllm_patches.bgmv_expand(shrunk, b, out, base, add_inputs=False)
+    assert torch.equal(out, torch.zeros(TOKENS, OUT))
+    sliced = torch.ones(TOKENS, OUT + 2)
+    vllm_patches.bgmv_expand_slice(shrunk, b, sliced, base, 2, OUT, add_inputs=False)
+    assert torch.equal(sliced[:, 2:], torch.zeros(TOKENS, OUT))
+    assert torch.equal(sliced[:, :2], torch.ones(TOKENS, 2))
