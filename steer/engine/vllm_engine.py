@@ -13,7 +13,7 @@ import os
 import threading
 import uuid
 from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from steer.engine.base import (
@@ -42,6 +42,7 @@ from steer.engine.types import (
 logger = logging.getLogger(__name__)
 
 MAX_LOGPROBS = 20
+GREEDY_BELOW = 1e-5  # vLLM samples greedily below this temperature (_SAMPLING_EPS)
 
 
 @dataclass(frozen=True)
@@ -253,6 +254,7 @@ class VllmEngine(Engine):
         from vllm import TokensPrompt
 
         rid = request_id or uuid.uuid4().hex
+        params, copies = _greedy_copies(params)
         prepared = []
         for ids in (self._prompt_ids(p) for p in prompts):
             prepared.append((ids, self._fit(ids, params.max_tokens)))
@@ -282,16 +284,17 @@ class VllmEngine(Engine):
         gens: list[Generation] = []
         for p_index, out in enumerate(outs):
             for c in sorted(out.outputs, key=lambda c: c.index):
-                gens.append(
+                gens.extend(
                     Generation(
                         text=c.text,
                         prompt_tokens=len(out.prompt_token_ids or ()),
                         completion_tokens=len(c.token_ids),
                         finish_reason=_finish(c.finish_reason),
                         prompt_index=p_index,
-                        index=c.index,
+                        index=c.index * copies + k,
                         logprobs=_logprobs(c.token_ids, c.logprobs, params.logprobs),
                     )
+                    for k in range(copies)
                 )
         return gens
 
@@ -306,6 +309,7 @@ class VllmEngine(Engine):
         from vllm import TokensPrompt
 
         rid = request_id or uuid.uuid4().hex
+        params, copies = _greedy_copies(params)
         ids = self._prompt_ids(prompt)
         max_tokens = self._fit(ids, params.max_tokens)
         completion_tokens = 0
@@ -318,16 +322,17 @@ class VllmEngine(Engine):
                 lora_request=self._lora(adapter),
             ):
                 for c in out.outputs:
-                    completion_tokens += len(c.token_ids)
+                    completion_tokens += len(c.token_ids) * copies
                     if not c.text and not c.token_ids and c.finish_reason is None:
                         continue
-                    yield StreamDelta(
-                        index=c.index,
-                        text=c.text,
-                        new_tokens=len(c.token_ids),
-                        logprobs=_logprobs(c.token_ids, c.logprobs, params.logprobs),
-                        finish_reason=_finish(c.finish_reason) if c.finish_reason else None,
-                    )
+                    for k in range(copies):
+                        yield StreamDelta(
+                            index=c.index * copies + k,
+                            text=c.text,
+                            new_tokens=len(c.token_ids),
+                            logprobs=_logprobs(c.token_ids, c.logprobs, params.logprobs),
+                            finish_reason=_finish(c.finish_reason) if c.finish_reason else None,
+                        )
         except (asyncio.CancelledError, GeneratorExit):
             # vLLM aborts the request itself when its generator is cancelled or closed.
             raise
@@ -343,11 +348,12 @@ class VllmEngine(Engine):
             await self._llm.abort(list(ids))
 
     def _translate(self, exc: BaseException) -> BaseException:
+        from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError
 
         if isinstance(exc, EngineDeadError) or (self._llm is not None and self._llm.errored):
             return EngineDead(f"the engine has died: {exc!r}")
-        if isinstance(exc, ValueError | TypeError):
+        if isinstance(exc, ValueError | TypeError | VLLMClientError):
             return EngineRequestError(str(exc))
         return exc
 
@@ -377,6 +383,15 @@ class VllmEngine(Engine):
 
     def adapters(self) -> list[AdapterRef]:
         return list(self._adapters.values())
+
+
+def _greedy_copies(params: SamplingParams) -> tuple[SamplingParams, int]:
+    """vLLM refuses n > 1 with greedy sampling; OpenAI's API accepts it, and every answer is
+    the same greedy one. So a greedy request for n answers is generated once and copied n
+    times: (the params for the engine, how many copies of each output)."""
+    if params.n > 1 and params.temperature < GREEDY_BELOW:
+        return replace(params, n=1), params.n
+    return params, 1
 
 
 def _gib_str(gib: float) -> str:

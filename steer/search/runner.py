@@ -316,10 +316,14 @@ class _QueueList(list[dict[str, Any]]):
         self.queue.put_nowait(event)
 
 
+# Trace roles that are never an answer to fall back on.
+NOT_ANSWERS = frozenset({"critic", "root", "unparsed"})
+
+
 def _best_so_far(ctx: Context, reason: str) -> Node:
     if ctx.best is not None:
         return ctx.best
-    answers = [n for n in ctx.trace.candidates() if n.role not in ("critic",)]
+    answers = [n for n in ctx.trace.candidates() if n.role not in NOT_ANSWERS]
     if not answers:
         raise BudgetExhausted(f"the budget ran out before any answer ({reason})")
     mean = [(n.meta.get("mean_logprob") or -math.inf, n) for n in answers]

@@ -113,6 +113,26 @@ def test_chat_n_choices_count_every_token(oai: openai.OpenAI) -> None:
     assert resp.usage.completion_tokens == sum(per_choice)
 
 
+def test_chat_greedy_n_choices_are_all_the_greedy_answer(oai: openai.OpenAI) -> None:
+    # vLLM refuses n > 1 with greedy sampling; OpenAI's API accepts it (n equal answers).
+    resp = oai.chat.completions.create(
+        model=MODEL, messages=STORY, n=3, temperature=0, max_tokens=8, logprobs=True
+    )
+    assert [c.index for c in resp.choices] == [0, 1, 2]
+    assert len({c.message.content for c in resp.choices}) == 1
+    assert resp.choices[0].message.content
+    counted = [len(c.logprobs.content or []) for c in resp.choices if c.logprobs]
+    assert resp.usage is not None and resp.usage.completion_tokens == sum(counted) > 0
+    stream = oai.chat.completions.create(
+        model=MODEL, messages=STORY, n=2, temperature=0, max_tokens=8, stream=True
+    )
+    streamed = {0: "", 1: ""}
+    for chunk in stream:
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    assert streamed[0] == streamed[1] != ""
+
+
 def test_chat_top_logprobs(oai: openai.OpenAI) -> None:
     resp = oai.chat.completions.create(
         model=MODEL, messages=STORY, max_tokens=8, logprobs=True, top_logprobs=3

@@ -222,3 +222,41 @@ async def test_generic_steps_task_concludes_with_a_final_generation(engine: Fake
     assert "Answer: 42" in result.text
     final = [n for n in result.trace.nodes if n.role == "final"]
     assert final and final[0].parent is not None
+
+
+async def test_no_parseable_step_answers_directly(engine: FakeEngine, steerer: Steerer) -> None:
+    def babble(prompt: Prompt, params: SamplingParams) -> str:
+        text = prompt if isinstance(prompt, str) else prompt[-1].content
+        if "Possible next steps:" in text:
+            return "I like numbers very much."  # not one well-formed step
+        return "(13 - 9) * (10 - 4) = 24"  # the direct answer to the user's own messages
+
+    engine.respond = babble
+    result, progress = await run_tot(steerer, breadth=2)
+    assert result.text == "(13 - 9) * (10 - 4) = 24"
+    assert result.model_calls == 2  # one expansion, then the direct answer; nothing valued
+    assert engine.history[-1].prompts[0] == QUESTION
+    unparsed = [n for n in result.trace.nodes if n.role == "unparsed"]
+    assert [n.text for n in unparsed] == ["I like numbers very much."]
+    assert unparsed[0].pruned and unparsed[0].parent == 0
+    assert result.trace.to_dict()["fallback"] == "no usable step; answered directly"
+    assert progress[0]["kept"] == []
+
+
+async def test_verifier_prunes_states_that_break_the_rules(engine: FakeEngine,
+                                                           steerer: Steerer) -> None:
+    def mixed(prompt: Prompt, params: SamplingParams) -> str:
+        text = prompt if isinstance(prompt, str) else prompt[-1].content
+        if "Possible next steps:" in text and text.strip().split("\n")[-2].endswith(PUZZLE):
+            # one wrong arithmetic, one number not in the puzzle, one valid step
+            return ("4 + 9 = 14 (left: 10 13 14)\n7 + 9 = 16 (left: 4 10 13 16)\n"
+                    "13 - 9 = 4 (left: 4 4 10)")
+        return respond(prompt, params)
+
+    engine.respond = mixed
+    result, progress = await run_tot(steerer, critic={"name": "game24"}, breadth=3,
+                                     evaluator="critic")
+    texts = {n.id: n.text for n in result.trace.nodes}
+    assert [texts[i] for i in progress[0]["kept"]] == ["13 - 9 = 4 (left: 4 4 10)\n"]
+    assert all(v > 0 for event in progress for v in event["values"])
+    assert check_state([4, 9, 10, 13], result.text)[0]

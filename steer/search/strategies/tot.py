@@ -105,10 +105,11 @@ class TreeOfThoughts(Strategy):
         children: list[Node] = []
         for g in gens:
             parent = states[g.prompt_index]
-            if o.generator == "propose":
-                steps = task.parse_proposals(g.text)[: o.max_proposals]
-            else:
-                steps = task.parse_proposals(g.text)[:1]
+            steps = task.parse_proposals(g.text)[: o.max_proposals if o.generator == "propose"
+                                                   else 1]
+            if not steps:  # kept in the trace, so a search that found nothing can be read
+                ctx.trace.add("unparsed", g.text, parent=parent.id, round=level, pruned=True,
+                              tokens=g.completion_tokens, meta={"depth": level + 1})
             for step in steps:
                 children.append(ctx.trace.add(
                     "thought", parent.text + step + "\n", parent=parent.id, round=level,
@@ -173,16 +174,24 @@ class TreeOfThoughts(Strategy):
             n.scores["value"] = float(v)
             ctx.offer(n)
 
+    def dead(self, node: Node) -> bool:
+        """A state not worth expanding whatever the beam's room: a duplicate, or one a critic
+        scored 0 (for a verifier such as `game24`: a state that breaks the rules)."""
+        value = node.scores.get("value", 0.0)
+        return bool(node.meta.get("duplicate")) or (self.opts.evaluator == "critic"
+                                                    and value <= 0.0)
+
     def select(self, nodes: Sequence[Node], rng: random.Random) -> list[Node]:
         o = self.opts
-        values = [n.scores.get("value", 0.0) for n in nodes]
+        alive = [n for n in nodes if not self.dead(n)]
+        values = [n.scores.get("value", 0.0) for n in alive]
         if o.selection == "sample" and sum(values) > 0:
             # The paper samples with replacement in proportion to value.
-            picked = rng.choices(range(len(nodes)), weights=values, k=o.breadth)
-            keep = [nodes[i] for i in dict.fromkeys(picked)]
+            picked = rng.choices(range(len(alive)), weights=values, k=o.breadth)
+            keep = [alive[i] for i in dict.fromkeys(picked)]
         else:
-            order = sorted(range(len(nodes)), key=lambda i: values[i], reverse=True)
-            keep = [nodes[i] for i in order[: o.breadth]]
+            order = sorted(range(len(alive)), key=lambda i: values[i], reverse=True)
+            keep = [alive[i] for i in order[: o.breadth]]
         for n in nodes:
             n.pruned = n not in keep
         return keep
@@ -211,13 +220,13 @@ class TreeOfThoughts(Strategy):
                 break
             children = await self.expand(ctx, task, open_, level)
             await self.evaluate(ctx, task, children, cache)
-            pool = done + children
-            if not pool:
-                break
-            states = self.select(pool, rng)
+            kept = self.select(done + children, rng)
             ctx.note(level=level, expanded=len(open_), generated=len(children),
-                     kept=[n.id for n in states],
-                     values=[round(n.scores.get("value", 0.0), 3) for n in states])
+                     kept=[n.id for n in kept],
+                     values=[round(n.scores.get("value", 0.0), 3) for n in kept])
+            if not kept:  # nothing new worth keeping: answer from the last level's states
+                break
+            states = kept
         return states
 
     async def _dfs(self, ctx: Context, task: Task, root: Node, cache: dict[str, float],
@@ -256,8 +265,10 @@ class TreeOfThoughts(Strategy):
 
     def _finish(self, ctx: Context, task: Task, states: Sequence[Node]) -> Final:
         finals = [s for s in states if task.is_final(s.text)]
-        pool = finals or list(states)
+        pool = finals or [s for s in states if s.role != "root"]
         if not pool:
+            # Not one usable step: answer the question directly, as without a search.
+            ctx.trace.info["fallback"] = "no usable step; answered directly"
             return FinalPrompt(ctx.messages, ctx.params)
         best = max(pool, key=lambda n: n.scores.get("value", 0.0))
         best.chosen = True
