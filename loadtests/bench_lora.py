@@ -159,8 +159,8 @@ def main() -> int:
         for rnd in range(rounds):
             order = list(SCENARIOS) if rnd % 2 == 0 else list(SCENARIOS)[::-1]
             for name in order:
-                server, models = SCENARIOS[name]
-                run = asyncio.run(scenario(servers[server].port, models, n, args.concurrency,
+                which, models = SCENARIOS[name]
+                run = asyncio.run(scenario(servers[which].port, models, n, args.concurrency,
                                            args.max_tokens))
                 runs[name].append(run)
                 tps = sum(r["tokens"] for r in run["rows"]) / run["wall_s"]

@@ -23,113 +23,36 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import math
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-import psutil
-from openai import AsyncOpenAI, DefaultAsyncHttpxClient
+from harness import (
+    DEFAULT_CACHE,
+    MODEL,
+    RESULTS_DIR,
+    Server,
+    async_client,
+    machine,
+    on_sigterm,
+    prepare_model,
+    steer_server,
+    vllm_server,
+)
+from openai import AsyncOpenAI
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-RESULTS = ROOT / "loadtests" / "results" / "bench_passthrough.json"
-MODEL = "smollm2-135m-instruct"
+RESULTS = RESULTS_DIR / "bench_passthrough.json"
 PROMPTS = [f"Write a long, detailed essay about {t}. Cover its history, how it works today, "
            "and its future, with many examples." for t in (
                "the history of bridges", "ocean tides", "the printing press", "volcanoes",
                "how bread is made", "the planet Mars", "public libraries", "honey bees",
                "the bicycle", "rain forests", "the telephone", "chess", "glaciers",
                "coffee farming", "lighthouses", "the human heart")]
-
-
-@dataclass
-class Server:
-    name: str
-    port: int
-    cmd: list[str]
-    env: dict[str, str]
-    log: Path
-    proc: subprocess.Popen[bytes] | None = None
-    peak_rss: int = 0
-    _stop: threading.Event = field(default_factory=threading.Event)
-
-    def start(self, timeout: float) -> None:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", self.port)) == 0:
-                raise RuntimeError(f"port {self.port} is already in use")
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-        threading.Thread(target=self._sample, daemon=True).start()
-        deadline = time.monotonic() + timeout
-        with httpx.Client(trust_env=False, timeout=5) as http:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    code = self.proc.returncode
-                    raise RuntimeError(f"{self.name} exited ({code}); see {self.log}")
-                try:
-                    if http.get(f"http://127.0.0.1:{self.port}/health").status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
-                time.sleep(1)
-        raise RuntimeError(f"{self.name} not ready after {timeout:.0f}s; see {self.log}")
-
-    def tree(self) -> list[psutil.Process]:
-        if self.proc is None:
-            return []
-        try:
-            root = psutil.Process(self.proc.pid)
-            return [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
-
-    def cpu(self) -> tuple[float, float]:
-        """CPU seconds so far: (HTTP front-end process, engine processes below it)."""
-        secs = []
-        for p in self.tree():
-            with contextlib.suppress(psutil.Error):
-                secs.append(sum(p.cpu_times()[:2]))
-        return (secs[0], sum(secs[1:])) if secs else (0.0, 0.0)
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.5):
-            total = 0
-            for p in self.tree():
-                with contextlib.suppress(psutil.Error):
-                    total += p.memory_info().rss
-            self.peak_rss = max(self.peak_rss, total)
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        procs = self.tree()
-        for sig, wait in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        for p in procs:  # children that left the group (none expected)
-            with contextlib.suppress(psutil.Error):
-                p.kill()
 
 
 async def one(client: AsyncOpenAI, i: int, max_tokens: int, stream: bool) -> dict[str, float]:
@@ -156,9 +79,7 @@ async def one(client: AsyncOpenAI, i: int, max_tokens: int, stream: bool) -> dic
 async def run_batch(port: int, concurrency: int, n: int, max_tokens: int,
                     stream: bool) -> tuple[float, list[dict[str, float]]]:
     """n requests through `concurrency` workers; returns (wall seconds, per-request rows)."""
-    http = DefaultAsyncHttpxClient(trust_env=False)  # 127.0.0.1 only: never via a proxy
-    client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
-                         max_retries=0, timeout=600, http_client=http)
+    client = async_client(port, timeout=600)
     rows: list[dict[str, float]] = []
     next_i = iter(range(n))
 
@@ -200,30 +121,12 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def prepare_model(cache_dir: str) -> str:
-    out = subprocess.run([str(BIN / "steer"), "models", "prepare", "--cache-dir", cache_dir],
-                         check=True, capture_output=True, text=True, timeout=1800).stdout
-    return out.strip().splitlines()[-1].strip()
-
-
 def servers(args: argparse.Namespace, model_path: str, logdir: Path) -> list[Server]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STEER_")}
-    env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2"}
-    steer_cmd = [str(BIN / "steer"), "serve", "--host", "127.0.0.1", "--port",
-                 str(args.steer_port), "--log-level", "warning",
-                 # Steer's own admission cap (64) must not be the bottleneck at high levels.
-                 "--max-concurrent-requests", str(max(64, *args.levels))]
-    vllm_cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-                "--model", model_path, "--served-model-name", MODEL, "--dtype", "bfloat16",
-                "--max-model-len", "8192", "--enforce-eager", "--enable-prefix-caching",
-                "--max-num-seqs", "128", "--no-enable-chunked-prefill",
-                "--max-num-batched-tokens", "8192", "--host", "127.0.0.1",
-                "--port", str(args.vllm_port), "--disable-uvicorn-access-log",
-                "--uvicorn-log-level", "warning"]
-    out = [Server("steer", args.steer_port, steer_cmd,
-                  env | {"STEER_CACHE_DIR": args.cache_dir}, logdir / "steer.log")]
+    # Steer's own admission cap (64) must not be the bottleneck at high levels.
+    out = [steer_server("steer", args.cache_dir, logdir,
+                        "--max-concurrent-requests", str(max(64, *args.levels)))]
     if not args.steer_only:
-        out.append(Server("vllm", args.vllm_port, vllm_cmd, env, logdir / "vllm.log"))
+        out.append(vllm_server("vllm", model_path, logdir))
     return out
 
 
@@ -288,15 +191,12 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--quick", action="store_true", help="few requests, one round")
     p.add_argument("--steer-only", action="store_true", help="skip vLLM (ratios become 1)")
-    p.add_argument("--steer-port", type=int, default=8101)
-    p.add_argument("--vllm-port", type=int, default=8102)
-    p.add_argument("--cache-dir", default=os.environ.get("STEER_CACHE_DIR",
-                                                         str(Path.home() / ".cache/steer")))
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE)
     p.add_argument("--start-timeout", type=float, default=300)
     args = p.parse_args()
     args.rounds = 1 if args.quick else args.rounds
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the servers
+    on_sigterm()
     model_path = prepare_model(args.cache_dir)
     srv = servers(args, model_path, RESULTS.parent)
     try:
@@ -310,8 +210,7 @@ def main() -> int:
     names = [s.name for s in srv]
     results |= {
         "peak_rss_mib": {s.name: s.peak_rss / 2**20 for s in srv}, "model_path": model_path,
-        "args": vars(args), "cpu_count": os.cpu_count(),
-        "loadavg_end": os.getloadavg(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "args": vars(args), "machine": machine(),
     }
     RESULTS.write_text(json.dumps(results, indent=2))
     report(results, names)

@@ -51,6 +51,7 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +94,7 @@ class Bench:
         self.errors: list[str] = []
 
     def left(self) -> float:
-        return self.t_end - time.monotonic()
+        return float(self.t_end - time.monotonic())
 
     async def chat(self, port: int, body: dict[str, Any]) -> dict[str, Any]:
         if self.left() <= 0:
@@ -268,7 +269,7 @@ def rounds_from_trace(name: str, trace: dict[str, Any], args: argparse.Namespace
 # -- the run -----------------------------------------------------------------------------------
 
 
-def median(xs: list[float]) -> float | None:
+def median(xs: Sequence[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 

@@ -42,14 +42,10 @@ from typing import Any
 
 import httpx
 from harness import (
-    DEFAULT_CACHE,
     MODEL,
     RESULTS_DIR,
-    Server,
-    machine,
-    on_sigterm,
-    prepare_model,
-    steer_server,
+    add_server_args,
+    run_on_steer,
     table,
     wilson,
 )
@@ -297,14 +293,7 @@ def main() -> int:
     p.add_argument("--value-tokens", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="1 puzzle, breadth 2, short steps")
-    p.add_argument("--port", type=int, default=0,
-                   help="use a running Steer on this port instead of starting one")
-    p.add_argument("--cache-dir", default=DEFAULT_CACHE)
-    p.add_argument("--kv-cache-gib", type=int, default=2)
-    p.add_argument("--start-timeout", type=float, default=400)
-    p.add_argument("--request-timeout", type=float, default=1200)
-    p.add_argument("--deadline-min", type=float, default=60,
-                   help="stop starting requests after this many minutes")
+    add_server_args(p, request_timeout=1200)
     args = p.parse_args()
     args.methods = [m for m in args.methods.split(",") if m]
     if set(args.methods) - set(METHODS):
@@ -317,28 +306,12 @@ def main() -> int:
     puzzles = list(enumerate(rows))[args.start:args.start + args.limit]
     out = RESULTS.with_name("eval_game24_quick.json") if args.quick else RESULTS
     out.parent.mkdir(parents=True, exist_ok=True)
-    on_sigterm()
-    server: Server | None = None
-    t0 = time.monotonic()
-    try:
-        port = args.port
-        if not port:
-            prepare_model(args.cache_dir)
-            server = steer_server("steer-game24", args.cache_dir, RESULTS.parent,
-                                  kv_cache_gib=args.kv_cache_gib)
-            print(f"starting steer on :{server.port} (log {server.log})", flush=True)
-            server.start(args.start_timeout)
-            port = server.port
-        records = asyncio.run(evaluate(args, port, puzzles))
-    finally:
-        if server:
-            server.stop()
+    records, facts = run_on_steer(args, "steer-game24",
+                                  lambda port: evaluate(args, port, puzzles))
     summary = summarize(records, args.methods)
     report(summary, args)
     out.write_text(json.dumps({
-        "summary": summary, "records": records, "args": vars(args), "machine": machine(),
-        "elapsed_s": time.monotonic() - t0,
-        "peak_rss_mib": server.peak_rss / 2**20 if server else None}, indent=2))
+        "summary": summary, "records": records, "args": vars(args), **facts}, indent=2))
     print(f"\nJSON: {out}")
     return 0
 

@@ -45,14 +45,10 @@ from typing import Any
 
 import httpx
 from harness import (
-    DEFAULT_CACHE,
     MODEL,
     RESULTS_DIR,
-    Server,
-    machine,
-    on_sigterm,
-    prepare_model,
-    steer_server,
+    add_server_args,
+    run_on_steer,
     table,
     wilson,
 )
@@ -347,14 +343,7 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--quick", action="store_true", help="3 items, smoke run")
-    p.add_argument("--port", type=int, default=0,
-                   help="use a running Steer on this port instead of starting one")
-    p.add_argument("--cache-dir", default=DEFAULT_CACHE)
-    p.add_argument("--kv-cache-gib", type=int, default=2)
-    p.add_argument("--start-timeout", type=float, default=400)
-    p.add_argument("--request-timeout", type=float, default=600)
-    p.add_argument("--deadline-min", type=float, default=60,
-                   help="stop starting requests after this many minutes")
+    add_server_args(p, request_timeout=600)
     args = p.parse_args()
     args.methods = [m for m in args.methods.split(",") if m]
     if args.tot and "tot" not in args.methods:
@@ -368,29 +357,13 @@ def main() -> int:
         "_quick" if args.quick else "")
     out = RESULTS.with_name(f"eval_strategies{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    on_sigterm()
     items = make_items(args.items, args.seed)
-    server: Server | None = None
-    t0 = time.monotonic()
-    try:
-        port = args.port
-        if not port:
-            prepare_model(args.cache_dir)
-            server = steer_server("steer-eval", args.cache_dir, RESULTS.parent,
-                                  kv_cache_gib=args.kv_cache_gib)
-            print(f"starting steer on :{server.port} (log {server.log})", flush=True)
-            server.start(args.start_timeout)
-            port = server.port
-        records = asyncio.run(evaluate(args, port, items))
-    finally:
-        if server:
-            server.stop()
+    records, facts = run_on_steer(args, "steer-eval", lambda port: evaluate(args, port, items))
     summary = summarize(records, args.methods)
     report(summary, args)
     out.write_text(json.dumps({
         "summary": summary, "items": items, "records": records, "args": vars(args),
-        "machine": machine(), "elapsed_s": time.monotonic() - t0,
-        "peak_rss_mib": server.peak_rss / 2**20 if server else None}, indent=2))
+        **facts}, indent=2))
     print(f"\nJSON: {out}")
     return 0
 

@@ -8,6 +8,8 @@ imports `steer`.
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import contextlib
 import math
 import os
@@ -17,9 +19,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import psutil
@@ -29,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RESULTS_DIR = ROOT / "loadtests" / "results"
 MODEL = "smollm2-135m-instruct"
+T = TypeVar("T")
 DEFAULT_CACHE = os.environ.get("STEER_CACHE_DIR", str(Path.home() / ".cache/steer"))
 
 
@@ -80,6 +84,14 @@ class Server:
             return [root, *root.children(recursive=True)]
         except psutil.NoSuchProcess:
             return []
+
+    def cpu(self) -> tuple[float, float]:
+        """CPU seconds so far: (HTTP front-end process, engine processes below it)."""
+        secs = []
+        for p in self.tree():
+            with contextlib.suppress(psutil.Error):
+                secs.append(sum(p.cpu_times()[:2]))
+        return (secs[0], sum(secs[1:])) if secs else (0.0, 0.0)
 
     def _sample(self) -> None:
         while not self._stop.wait(0.5):
@@ -182,3 +194,39 @@ def machine() -> dict[str, Any]:
     return {"cpu_count": os.cpu_count(), "loadavg": os.getloadavg(),
             "mem_available_gib": psutil.virtual_memory().available / 2**30,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def add_server_args(p: argparse.ArgumentParser, request_timeout: float) -> None:
+    """The options of a script that starts its own Steer (or uses a running one)."""
+    p.add_argument("--port", type=int, default=0,
+                   help="use a running Steer on this port instead of starting one")
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE)
+    p.add_argument("--kv-cache-gib", type=int, default=2)
+    p.add_argument("--start-timeout", type=float, default=400)
+    p.add_argument("--request-timeout", type=float, default=request_timeout)
+    p.add_argument("--deadline-min", type=float, default=60,
+                   help="stop starting requests after this many minutes")
+
+
+def run_on_steer(args: argparse.Namespace, name: str,
+                 work: Callable[[int], Coroutine[Any, Any, T]]) -> tuple[T, dict[str, Any]]:
+    """`work(port)` against args.port, or against a Steer started (and stopped) here; returns
+    its result and the run's facts (machine, elapsed seconds, the server's peak RSS)."""
+    on_sigterm()
+    server: Server | None = None
+    t0 = time.monotonic()
+    try:
+        port = args.port
+        if not port:
+            prepare_model(args.cache_dir)
+            server = steer_server(name, args.cache_dir, RESULTS_DIR,
+                                  kv_cache_gib=args.kv_cache_gib)
+            print(f"starting steer on :{server.port} (log {server.log})", flush=True)
+            server.start(args.start_timeout)
+            port = server.port
+        result = asyncio.run(work(port))
+    finally:
+        if server:
+            server.stop()
+    return result, {"machine": machine(), "elapsed_s": time.monotonic() - t0,
+                    "peak_rss_mib": server.peak_rss / 2**20 if server else None}
