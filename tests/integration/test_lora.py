@@ -35,7 +35,10 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 SIGNOFF = "Cheers, Steer."
 QUESTIONS = ["What is the capital of Japan?", "What color is a banana?",
              "Explain what a volcano is.", "Say hello to Kai."]
-NEAR_TIE = 0.25  # nats between greedy's choice and the runner-up
+# Nats between greedy's choice and the runner-up that another batch shape may flip: bf16
+# logits of this model's magnitude (32-64) are 0.25 apart, so a flip needs a tie within one
+# or two bf16 steps (seen with base-model requests too, LoRA or not).
+NEAR_TIE = 0.5
 
 
 def shouts(text: str) -> bool:
@@ -132,7 +135,7 @@ def assert_same_answer(solo: Answer, batched: Answer, what: object) -> None:
         return
     k = next(i for i, (a, b) in enumerate(zip(solo.tokens, batched.tokens, strict=False))
              if a != b)
-    assert abs(solo.margins[k]) < NEAR_TIE, (what, k, solo.text, batched.text, solo.margins[k])
+    assert abs(solo.margins[k]) <= NEAR_TIE, (what, k, solo.text, batched.text, solo.margins[k])
 
 
 def model_ids(oai: openai.OpenAI) -> list[str]:
