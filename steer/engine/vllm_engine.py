@@ -167,9 +167,13 @@ class VllmEngine(Engine):
 
     async def shutdown(self) -> None:
         self._closing = True
-        if self._llm is not None:
-            self._llm.shutdown()
-            self._llm = None
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            llm.shutdown()
+            # subtle: vLLM's AsyncLLM.__del__ calls shutdown() again; when that happens at
+            # interpreter exit, vLLM's module globals are already None and it prints a
+            # TypeError traceback. Shut down once is enough: make the second call a no-op.
+            llm.shutdown = lambda *args, **kwargs: None
 
     def _ready_llm(self) -> Any:
         if self._llm is None or self._closing:
