@@ -13,5 +13,7 @@ serve: install
 test: install
 	bash scripts/check.sh
 
+# The serving benchmarks (~30 min); strategies and evals: see README "Measured".
 bench: install
 	.venv/bin/python loadtests/bench_passthrough.py
+	.venv/bin/python loadtests/bench_lora.py
