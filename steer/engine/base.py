@@ -81,7 +81,9 @@ class AdapterConflict(EngineError):
 
 
 class EngineRequestError(EngineError):
-    pass
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param  # the request field the backend named, when it named one
 
 
 class Engine(ABC):

@@ -358,7 +358,7 @@ class VllmEngine(Engine):
         if isinstance(exc, EngineDeadError) or (self._llm is not None and self._llm.errored):
             return EngineDead(f"the engine has died: {exc!r}")
         if isinstance(exc, ValueError | TypeError | VLLMClientError):
-            return EngineRequestError(str(exc))
+            return EngineRequestError(str(exc), getattr(exc, "parameter", None))
         return exc
 
     # -- adapters --------------------------------------------------------------------------

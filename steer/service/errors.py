@@ -96,7 +96,7 @@ def from_engine_error(
         return APIError(409, str(exc), type="conflict_error", param="lora_name",
                         code=exc.reason)
     if isinstance(exc, EngineRequestError):
-        return APIError(400, str(exc), param=None)
+        return APIError(400, str(exc), param=exc.param)
     return APIError(500, f"engine error: {exc}", type="internal_error")
 
 
