@@ -134,17 +134,21 @@ def test_tot_game24_tree_and_stored_trace(oai: openai.OpenAI, http: httpx.Client
     trace = trace_of(resp)
     usage = steering_usage(resp)
     # level 1: 1 expansion + <=3 values; level 2 (answer step): <=2 expansions + values.
-    # A 135M model may propose no well-formed step at all: then the search ends after 1 call.
+    # A 135M model may propose no well-formed step at all: its text is kept as an "unparsed"
+    # node, and ToT answers directly (1 expansion + 1 answer).
     thoughts = [n for n in trace["nodes"] if n["role"] == "thought"]
-    assert 1 <= usage["model_calls"] <= 1 + 3 + 2 + 6
-    assert usage["model_calls"] >= 1 + (1 if thoughts else 0)
+    assert 2 <= usage["model_calls"] <= 1 + 3 + 2 + 6
+    if not thoughts:
+        assert trace["fallback"] == "no usable step; answered directly"
+        assert [n["role"] for n in trace["nodes"]] == ["root", "unparsed", "final"]
+        assert usage["model_calls"] == 2
     assert trace["nodes"][0]["role"] == "root"
     assert all(parent < child for parent, child in trace["edges"])
     stored = http.get(f"/v1/steering/traces/{trace['id']}")
     assert stored.status_code == 200 and stored.json()["nodes"] == trace["nodes"]
     dot = http.get(f"/v1/steering/traces/{trace['id']}", params={"format": "dot"})
     assert dot.text.startswith('digraph "tot"') and "n0 [" in dot.text
-    assert ("->" in dot.text) == bool(thoughts)
+    assert "n0 -> n1;" in dot.text
 
 
 def test_reflection_with_verifier_feedback(oai: openai.OpenAI) -> None:
