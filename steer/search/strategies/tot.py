@@ -175,11 +175,10 @@ class TreeOfThoughts(Strategy):
             ctx.offer(n)
 
     def dead(self, node: Node) -> bool:
-        """A state not worth expanding whatever the beam's room: a duplicate, or one a critic
-        scored 0 (for a verifier such as `game24`: a state that breaks the rules)."""
-        value = node.scores.get("value", 0.0)
-        return bool(node.meta.get("duplicate")) or (self.opts.evaluator == "critic"
-                                                    and value <= 0.0)
+        """A state not worth expanding whatever the beam's room: one a critic scored 0 (for a
+        verifier such as `game24`: a state that breaks the rules). The value and vote
+        evaluators keep the paper's rule: the best `breadth`, whatever their values."""
+        return self.opts.evaluator == "critic" and node.scores.get("value", 0.0) <= 0.0
 
     def select(self, nodes: Sequence[Node], rng: random.Random) -> list[Node]:
         o = self.opts
