@@ -64,12 +64,14 @@ def apply() -> None:
         targets.append(importlib.import_module("vllm.lora.punica_wrapper.punica_cpu"))
     fixed = {"bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand,
              "bgmv_expand_slice": bgmv_expand_slice}
+    originals = {name: getattr(ops, name) for name in _FIXED}  # vLLM's own, for comparison
     for module in targets:
         for name in _FIXED:
             if hasattr(module, name):
                 setattr(module, name, fixed[name])
     # The sgmv_* (prefill) ops call the bgmv_* ones through the module globals patched above.
     ops._steer_fixed = True  # type: ignore[attr-defined]
+    ops._steer_originals = originals  # type: ignore[attr-defined]
     logger.debug("steer: patched vLLM's CPU LoRA ops (base tokens, speed)")
 
 
