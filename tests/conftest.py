@@ -6,10 +6,10 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 
 from steer.service.app import create_app
 from steer.service.settings import Settings
+from tests.asgi import running
 from tests.fakes import FakeEngine
 
 
@@ -30,12 +30,6 @@ def settings() -> Settings:
 
 @pytest.fixture
 async def client(fake_engine: FakeEngine, settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings, fake_engine)
-    async with LifespanManager(app) as manager:
-        # The engine starts in a background task; wait until the app has seen it.
-        await app.state.engine_state.ready_event.wait()
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://steer") as c:
-            c.app = app  # type: ignore[attr-defined]
-            yield c
+    async with running(create_app(settings, fake_engine)) as c:
+        yield c
 

@@ -20,6 +20,7 @@ from steer.service.adapters import build_registry
 from steer.service.app import create_app
 from steer.service.cli import build_parser, engine_config
 from steer.service.settings import Settings
+from tests.asgi import running
 from tests.fakes import FakeEngine
 from tests.lora_helpers import write_adapter, write_base
 
@@ -48,13 +49,8 @@ def root(tmp_path: Path) -> Path:
 
 async def app_client(settings: Settings, engine: FakeEngine, base: Path
                      ) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings, engine, build_registry(settings, engine, base))
-    async with LifespanManager(app) as manager:
-        await app.state.engine_state.ready_event.wait()
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://steer") as c:
-            c.app = app  # type: ignore[attr-defined]
-            yield c
+    async with running(create_app(settings, engine, build_registry(settings, engine, base))) as c:
+        yield c
 
 
 @pytest.fixture

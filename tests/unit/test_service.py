@@ -14,6 +14,7 @@ from steer.service.app import create_app
 from steer.service.errors import APIError
 from steer.service.serving import cancel_on_disconnect
 from steer.service.settings import Settings
+from tests.asgi import asgi_client
 from tests.fakes import FakeEngine
 
 pytestmark = pytest.mark.anyio
@@ -28,11 +29,6 @@ def metric(text: str, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return sample.value
     raise AssertionError(f"no sample {name} {labels}")
-
-
-def asgi_client(app: object) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app),  # type: ignore[arg-type]
-                             base_url="http://steer")
 
 
 async def test_api_key_required_when_configured(fake_engine: FakeEngine) -> None:
