@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from steer.engine import (
     AdapterRef,
@@ -35,6 +35,9 @@ class Call:
     params: SamplingParams
     adapter: AdapterRef | None
     request_id: str | None
+    # Tokens of each sequence this call returned, in order; a stream counts them as it
+    # yields them, so an abandoned stream shows what it really sent.
+    completion_tokens: list[int] = field(default_factory=list)
 
 
 def _text_of(prompt: Prompt) -> str:
@@ -120,7 +123,8 @@ class FakeEngine(Engine):
     ) -> list[Generation]:
         if not self.alive:
             raise EngineNotReady("fake engine stopped")
-        self.history.append(Call("generate", tuple(prompts), params, adapter, request_id))
+        call = Call("generate", tuple(prompts), params, adapter, request_id)
+        self.history.append(call)
         limits = [self._fit(p, params) for p in prompts]
         if self.hold is not None:
             await self.hold.wait()
@@ -128,6 +132,7 @@ class FakeEngine(Engine):
         for i, (prompt, limit) in enumerate(zip(prompts, limits, strict=True)):
             for j in range(params.n):
                 text, words, finish, lp = self._answer(limit, prompt, params)
+                call.completion_tokens.append(len(words))
                 gens.append(Generation(
                     text=text, prompt_tokens=self.count_prompt_tokens(prompt),
                     completion_tokens=len(words), finish_reason=finish,  # type: ignore[arg-type]
@@ -144,17 +149,20 @@ class FakeEngine(Engine):
     ) -> AsyncGenerator[StreamDelta | StreamEnd, None]:
         if not self.alive:
             raise EngineNotReady("fake engine stopped")
-        self.history.append(Call("stream", (prompt,), params, adapter, request_id))
+        call = Call("stream", (prompt,), params, adapter, request_id)
+        self.history.append(call)
         limit = self._fit(prompt, params)
         total = 0
         try:
             for j in range(params.n):
                 _, words, finish, lp = self._answer(limit, prompt, params)
+                call.completion_tokens.append(0)
                 for k, w in enumerate(words):
                     if self.hold is not None:
                         await self.hold.wait()
                     last = k == len(words) - 1
                     total += 1
+                    call.completion_tokens[-1] += 1
                     yield StreamDelta(
                         index=j, text=(" " if k else "") + w, new_tokens=1,
                         logprobs=self._logprobs([w], params.logprobs, lp),

@@ -46,12 +46,13 @@ async def run(steerer: Steerer, **spec: Any) -> SteerResult:
 
 
 def served_usage(engine: FakeEngine) -> tuple[int, int, int]:
-    """(prompt tokens, completion tokens, sequences) the fake produced, counted by hand."""
+    """(prompt tokens, completion tokens, sequences) the fake produced, counted from its own
+    record of every call, independently of the session's accounting."""
     prompt = completion = sequences = 0
     for call in engine.history:
         prompt += sum(engine.count_prompt_tokens(p) for p in call.prompts)
+        completion += sum(call.completion_tokens)
         sequences += len(call.prompts) * call.params.n
-    # completion tokens: what every generation returned (recorded on the trace nodes)
     return prompt, completion, sequences
 
 
@@ -233,11 +234,12 @@ async def test_usage_and_trace_equal_what_was_served(
     engine.enqueue("a b", "c d e", "f", "yes", "no", "no")
     result = await run(steerer, strategy="best_of_n", options={"n": 3},
                        critic={"name": "llm_judge"})
-    prompt, _, sequences = served_usage(engine)
+    prompt, completion, sequences = served_usage(engine)
     assert result.prompt_tokens == prompt
     assert result.model_calls == sequences == 6
+    assert result.completion_tokens == completion == 2 + 3 + 1 + 3  # three one-token verdicts
     generator_tokens = sum(n.tokens for n in result.trace.nodes)
-    assert result.completion_tokens == generator_tokens + 3  # three one-token verdicts
+    assert generator_tokens == 6
     assert len(result.trace.nodes) == 3
 
 
