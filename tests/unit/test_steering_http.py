@@ -146,3 +146,33 @@ async def test_strategy_metrics(client: httpx.AsyncClient, fake_engine: FakeEngi
     text = (await client.get("/metrics")).text
     assert 'steer_strategy_model_calls_total{strategy="best_of_n"} 3.0' in text
     assert 'steer_strategy_duration_seconds_count{strategy="best_of_n"} 1.0' in text
+
+
+@pytest.mark.parametrize(
+    ("steering", "param"),
+    [
+        ({"strategy": "debate", "options": {"agents": [{"persona": "You are calm."},
+                                                       {"adapter": "no-such-lora"}]}},
+         "steering.options.agents"),
+        ({"strategy": "best_of_n", "options": {"n": 2},
+          "critic": {"name": "llm_judge", "adapter": "no-such-lora"}},
+         "steering.critic.adapter"),
+        ({"strategy": "debate", "options": {"agents": 2, "aggregate": "judge"},
+          "critic": {"name": "llm_judge", "adapter": "no-such-lora"}},
+         "steering.critic.adapter"),
+    ],
+)
+@pytest.mark.parametrize("stream", [False, True])
+async def test_unknown_role_adapter_is_a_400_naming_the_field(
+    client: httpx.AsyncClient, fake_engine: FakeEngine, steering: dict[str, Any], param: str,
+    stream: bool,
+) -> None:
+    """The real path: create_app's AdapterRegistry resolves the name, and the refusal is the
+    client's 400 (not the 404 an unknown `model` gets, not a 500), before any model call
+    and, for a stream, before its headers."""
+    r = await client.post(CHAT, json=body(steering=steering, stream=stream))
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert (err["type"], err["param"]) == ("invalid_request_error", param)
+    assert "unknown adapter 'no-such-lora'" in err["message"]
+    assert fake_engine.history == []
