@@ -93,13 +93,17 @@ class Server:
                 secs.append(sum(p.cpu_times()[:2]))
         return (secs[0], sum(secs[1:])) if secs else (0.0, 0.0)
 
+    def rss(self) -> int:
+        """Resident memory of the whole process tree now, in bytes."""
+        total = 0
+        for p in self.tree():
+            with contextlib.suppress(psutil.Error):
+                total += p.memory_info().rss
+        return total
+
     def _sample(self) -> None:
         while not self._stop.wait(0.5):
-            total = 0
-            for p in self.tree():
-                with contextlib.suppress(psutil.Error):
-                    total += p.memory_info().rss
-            self.peak_rss = max(self.peak_rss, total)
+            self.peak_rss = max(self.peak_rss, self.rss())
 
     def stop(self) -> None:
         self._stop.set()
