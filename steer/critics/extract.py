@@ -1,6 +1,10 @@
 """Final-answer extraction from free text, shared by voting and exact-answer checks.
 
 Each extractor returns a normalized answer string, or None when the text has no answer.
+They run on the event loop over model output a client can shape, so each is linear: the
+client's own `regex` pattern runs on RE2 (`patterns`); our fixed patterns stay on `re` and
+use possessive quantifiers (`*+`) where adjacent whitespace runs would otherwise backtrack
+quadratically.
 """
 
 from __future__ import annotations
@@ -9,15 +13,19 @@ import re
 from collections.abc import Callable
 from typing import Literal
 
+from steer.critics.patterns import compile_pattern
+
 Extractor = Literal["last_number", "answer_line", "choice", "regex"]
 EXTRACTORS: tuple[str, ...] = ("last_number", "answer_line", "choice", "regex")
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+# subtle: `[\s...]*` at each line start used to run over every following blank line, and
+# `\s*(?:is)?\s*` / `(.+?)\s*$` split whitespace runs every way: quadratic in a long one.
 _ANSWER_LINE = re.compile(
-    r"(?im)^[\s*#>-]*(?:the\s+)?(?:final\s+)?answer\s*(?:is)?\s*[:=]\s*(.+?)\s*$"
+    r"(?im)^[ \t*#>-]*+(?:the\s++)?(?:final\s++)?answer\s*+(?:is\s*+)?[:=]\s*+(.*)$"
 )
 _CHOICE_MARKED = re.compile(
-    r"(?i)\b(?:answer|option|choice)\s*(?:is|:)?\s*\(?([A-E])\)?(?![A-Za-z])"
+    r"(?i)\b(?:answer|option|choice)\s*+(?:(?:is|:)\s*+)?\(?([A-E])\)?(?![A-Za-z])"
 )
 _CHOICE_ANY = re.compile(r"\(([A-E])\)|(?<![A-Za-z])([A-E])(?![A-Za-z])")
 
@@ -62,14 +70,14 @@ def choice(text: str) -> str | None:
 
 
 def by_regex(pattern: str) -> Callable[[str], str | None]:
-    compiled = re.compile(pattern)
+    """The last match of a client's pattern (its first group, if it has one), on RE2."""
+    compiled = compile_pattern(pattern)
+    group = 1 if compiled.groups else 0
 
     def extract(text: str) -> str | None:
-        matches = list(compiled.finditer(text))
-        if not matches:
-            return None
-        m = matches[-1]
-        return (m.group(1) if m.groups() else m.group(0)).strip().lower() or None
+        matches = compiled.findall_matches(text)
+        found = matches[-1].group(group) if matches else None
+        return (found or "").strip().lower() or None
 
     return extract
 
