@@ -35,161 +35,83 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import signal
-import socket
 import sys
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import psutil
 from harness import (
     MODEL,
     RESULTS_DIR,
     Server,
     add_server_args,
+    free_port,
     machine,
     on_sigterm,
     prepare_model,
     steer_server,
 )
-from hostile_attacks import (
-    ADMITTED,
-    CLIENT_CLOSED,
-    CONN_ERROR,
-    FLOOD,
-    GROUPS,
-    SLOW,
-    STALL_CUT,
-    STALL_DONE,
-    STALL_OPEN,
-    TIMEOUT,
-    UPLOAD_CUT,
-    Attack,
-    catalogue,
-    flood_body,
-    long_stream_body,
+from hostile_attacks import CONNECTION_KINDS, FLOOD, GROUPS, SLOW, catalogue
+from hostile_clients import (
+    FAILURES,
+    MAX_PER_WORKER,
+    Run,
+    attacker,
+    dropper,
+    failure,
+    flooder,
+    slow_reader,
 )
-from hostile_report import Outcome, report
+from hostile_report import report
 
 RESULTS = RESULTS_DIR / "bench_hostile.json"
+MIN_FREE = 2**30  # the memory guard also fires when the machine has less than this left
 NORMAL_PROMPTS = ["What is the capital of France?", "Name three colors.", "What is 7 times 8?",
                   "Give me a word that rhymes with cat.", "What day comes after Monday?",
                   "Name a large animal.", "What is water made of?", "Say hello in Spanish."]
-STALLED = "stalled stream (reads headers, then stops)"
-DROPPED = "dropped before the response (x8)"
-FLOODED = "best_of_n n 16 x 4096 tokens, streamed"
-MAX_PER_WORKER = 5000  # a bound on every loop, far above what a phase reaches
-CAP = 64 * 1024  # bytes of a response body kept (an error may echo a 20 MB input back)
-
-
-@dataclass
-class Run:
-    """Shared state of one benchmark run: clients, the server, and everything recorded."""
-
-    args: argparse.Namespace
-    port: int
-    server: Server | None
-    attacks: list[Attack]
-    listener_port: int
-    contacts: list[dict[str, Any]] = field(default_factory=list)
-    outcomes: dict[str, list[Outcome]] = field(default_factory=dict)
-    died: dict[str, Any] | None = None
-    guard_fired: float | None = None
-    phase: str = "startup"
-    peak_rss: dict[str, int] = field(default_factory=dict)
-    dead: asyncio.Event = field(default_factory=asyncio.Event)
-    stop: asyncio.Event = field(default_factory=asyncio.Event)
-    phase_end: float = 0.0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def record(self, kind: str, out: Outcome) -> None:
-        self.outcomes.setdefault(kind, []).append(out)
-
-    def client(self, **kw: Any) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.url, trust_env=False,
-                                 timeout=self.args.request_timeout, **kw)
-
-
-def failure(exc: BaseException) -> str:
-    if isinstance(exc, (httpx.TimeoutException, TimeoutError)):
-        return TIMEOUT
-    if isinstance(exc, httpx.WriteError):
-        return UPLOAD_CUT
-    return CONN_ERROR
-
-
-def error_param(body: bytes) -> str | None:
-    try:
-        err = json.loads(body).get("error") or {}
-    except (ValueError, AttributeError):
-        return None
-    return str(err.get("param")) if isinstance(err, dict) else None
-
-
-async def chunks(body: bytes) -> AsyncIterator[bytes]:
-    for i in range(0, len(body), 2**20):
-        yield body[i:i + 2**20]
-
-
-async def send(run: Run, http: httpx.AsyncClient, attack: Attack) -> Outcome:
-    """One attack request, its body read up to CAP; never raises for the server's doing."""
-    t0 = time.perf_counter()
-    content = chunks(attack.body) if attack.chunked else attack.body
-    try:
-        async with asyncio.timeout(run.args.request_timeout):
-            async with http.stream("POST", attack.path, content=content,
-                                   headers={"content-type": "application/json"}) as r:
-                body = b""
-                async for piece in r.aiter_raw():
-                    body += piece
-                    if len(body) >= CAP:
-                        break
-        return Outcome(str(r.status_code), time.perf_counter() - t0, error_param(body))
-    except (httpx.HTTPError, OSError, TimeoutError) as exc:
-        return Outcome(failure(exc), time.perf_counter() - t0)
 
 
 async def normal_once(run: Run, http: httpx.AsyncClient, i: int) -> dict[str, Any]:
+    """One plain streamed chat request: its latency, time to first token and outcome."""
     body = {"model": MODEL, "messages": [{"role": "user",
                                           "content": NORMAL_PROMPTS[i % len(NORMAL_PROMPTS)]}],
             "max_tokens": run.args.max_tokens, "temperature": 0, "stream": True,
             "user": "normal"}
     t0 = time.perf_counter()
     row: dict[str, Any] = {"t": time.monotonic(), "phase": run.phase, "ttft": None}
-    label, done = "no [DONE]", False
+    label = "no [DONE]"
     try:
         async with asyncio.timeout(run.args.request_timeout):
             async with http.stream("POST", "/v1/chat/completions", json=body) as r:
                 if r.status_code != 200:
                     label = str(r.status_code)
+                    await r.aread()
                 else:
-                    async for line in r.aiter_lines():
-                        data = line.removeprefix("data:").strip()
-                        if not line.startswith("data:") or not data:
-                            continue
-                        if data == "[DONE]":
-                            done = True
-                            break
-                        chunk = json.loads(data)
-                        if "error" in chunk:
-                            label = "error event"
-                        elif row["ttft"] is None and any(
-                                (c.get("delta") or {}).get("content")
-                                for c in chunk.get("choices") or []):
-                            row["ttft"] = time.perf_counter() - t0
-                    if done and label == "no [DONE]":
-                        label = "ok"
+                    label = await read_stream(r, row, t0)
     except ValueError:
         label = "bad stream"
-    except (httpx.HTTPError, OSError, TimeoutError) as exc:
+    except FAILURES as exc:
         label = failure(exc)
     return row | {"latency": time.perf_counter() - t0, "label": label}
+
+
+async def read_stream(r: httpx.Response, row: dict[str, Any], t0: float) -> str:
+    label = "no [DONE]"
+    async for line in r.aiter_lines():
+        data = line.removeprefix("data:").strip()
+        if not line.startswith("data:") or not data:
+            continue
+        if data == "[DONE]":
+            return "ok" if label == "no [DONE]" else label
+        chunk = json.loads(data)
+        if "error" in chunk:
+            label = "error event"
+        elif row["ttft"] is None and any((c.get("delta") or {}).get("content")
+                                         for c in chunk.get("choices") or []):
+            row["ttft"] = time.perf_counter() - t0
+    return label
 
 
 async def normal_client(run: Run, rows: list[dict[str, Any]]) -> None:
@@ -208,7 +130,7 @@ async def health_poller(run: Run, rows: list[dict[str, Any]]) -> None:
             t0 = time.perf_counter()
             try:
                 label = str((await http.get("/health")).status_code)
-            except (httpx.HTTPError, OSError) as exc:
+            except FAILURES as exc:
                 label = failure(exc)
             dt = time.perf_counter() - t0
             rows.append({"t": time.monotonic(), "phase": run.phase, "latency": dt,
@@ -216,145 +138,29 @@ async def health_poller(run: Run, rows: list[dict[str, Any]]) -> None:
             await asyncio.sleep(max(0.0, 0.15 - dt))
 
 
-async def attacker(run: Run, wid: int) -> None:
-    rng = random.Random(run.args.seed + wid)
-    kinds = [a for a in run.attacks if a.group in run.args.groups]
-    async with run.client(limits=httpx.Limits(max_connections=8)) as http:
-        for _ in range(MAX_PER_WORKER):
-            rng.shuffle(kinds)
-            for attack in kinds:
-                if run.stop.is_set():
-                    return
-                run.record(attack.name, await send(run, http, attack))
-                await asyncio.sleep(run.args.gap)
-            if SLOW in run.args.groups and not run.stop.is_set():
-                for out in await asyncio.gather(*(drop_unread(run) for _ in range(8))):
-                    run.record(DROPPED, out)
-
-
-async def drop_unread(run: Run) -> Outcome:
-    """Send a long streamed request on a raw socket and close it before any response."""
-    body = long_stream_body()
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
-    t0 = time.perf_counter()
-    try:
-        async with asyncio.timeout(10):
-            _, writer = await asyncio.open_connection("127.0.0.1", run.port)
-            writer.write(head + body)
-            await writer.drain()
-            writer.close()
-            await writer.wait_closed()
-    except (OSError, TimeoutError) as exc:
-        return Outcome(failure(exc), time.perf_counter() - t0)
-    return Outcome(CLIENT_CLOSED, time.perf_counter() - t0)
-
-
-async def slow_reader(run: Run) -> None:
-    """Streams that stop being read: does the server cut them (and free their slot)?"""
-    small = [(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)]
-    body = long_stream_body()
-    for _ in range(MAX_PER_WORKER):
-        if run.stop.is_set() or time.monotonic() + run.args.stall + 15 > run.phase_end:
-            return
-        transport = httpx.AsyncHTTPTransport(socket_options=small)
-        async with run.client(transport=transport) as http:
-            run.record(STALLED, await stall_once(run, http, body))
-
-
-async def stall_once(run: Run, http: httpx.AsyncClient, body: bytes) -> Outcome:
-    t0 = time.perf_counter()
-    req = http.build_request("POST", "/v1/chat/completions", content=body,
-                             headers={"content-type": "application/json"})
-    try:
-        async with asyncio.timeout(run.args.request_timeout):
-            r = await http.send(req, stream=True)
-    except (httpx.HTTPError, OSError, TimeoutError) as exc:
-        return Outcome(failure(exc), time.perf_counter() - t0)
-    try:
-        if r.status_code != 200:
-            return Outcome(str(r.status_code), time.perf_counter() - t0)
-        await asyncio.sleep(run.args.stall)
-        text = b""
-        try:
-            async with asyncio.timeout(10):
-                async for piece in r.aiter_raw():
-                    text = (text + piece)[-4096:]
-        except TimeoutError:
-            return Outcome(STALL_OPEN, time.perf_counter() - t0)
-        except (httpx.HTTPError, OSError):
-            return Outcome(STALL_CUT, time.perf_counter() - t0)
-        done = b"[DONE]" in text and b'"error"' not in text
-        return Outcome(STALL_DONE if done else STALL_CUT, time.perf_counter() - t0)
-    finally:
-        await r.aclose()
-
-
-async def flooder(run: Run) -> None:
-    body = flood_body()
-    async with run.client() as http:
-        for _ in range(MAX_PER_WORKER):
-            if run.stop.is_set():
-                return
-            out = await flood_once(run, http, body)
-            run.record(FLOODED, out)
-            if out.label != ADMITTED:
-                await asyncio.sleep(0.2)
-
-
-async def flood_once(run: Run, http: httpx.AsyncClient, body: bytes) -> Outcome:
-    """An admitted flood request is read to its end or the phase's end, as an attacker would."""
-    t0 = time.perf_counter()
-    req = http.build_request("POST", "/v1/chat/completions", content=body,
-                             headers={"content-type": "application/json"})
-    try:
-        async with asyncio.timeout(run.args.request_timeout):
-            r = await http.send(req, stream=True)
-        try:
-            if r.status_code != 200:
-                return Outcome(str(r.status_code), time.perf_counter() - t0,
-                               error_param(await r.aread()))
-            stop = asyncio.create_task(run.stop.wait())
-            drain = asyncio.create_task(consume(r))
-            await asyncio.wait({stop, drain}, timeout=run.args.seconds + 60,
-                               return_when=asyncio.FIRST_COMPLETED)
-            for task in (stop, drain):
-                task.cancel()
-            return Outcome(ADMITTED, time.perf_counter() - t0)
-        finally:
-            await r.aclose()
-    except (httpx.HTTPError, OSError, TimeoutError) as exc:
-        return Outcome(failure(exc), time.perf_counter() - t0)
-
-
-async def consume(r: httpx.Response) -> None:
-    try:
-        async for _ in r.aiter_raw():
-            pass
-    except (httpx.HTTPError, OSError):
-        return
-
-
 async def watchdog(run: Run) -> None:
-    """Server death and memory: peak RSS per phase, and the guard that kills a runaway."""
+    """Server death, and memory: peak RSS per phase, and the guard that kills a runaway."""
     limit = run.args.rss_limit_gib * 2**30
-    while run.server is not None and not run.dead.is_set():
+    while run.server is not None and run.server.proc is not None and not run.dead.is_set():
         proc = run.server.proc
-        if proc is not None and proc.poll() is not None:
-            run.died = {"phase": run.phase, "returncode": proc.returncode,
-                        "t": time.monotonic()}
+        if proc.poll() is not None:
+            run.died = {"phase": run.phase, "returncode": proc.returncode}
             run.dead.set()
             return
         rss = await asyncio.to_thread(run.server.rss)
         run.peak_rss[run.phase] = max(run.peak_rss.get(run.phase, 0), rss)
-        if rss > limit and proc is not None and run.guard_fired is None:
-            run.guard_fired = rss / 2**30
-            print(f"memory guard: server at {run.guard_fired:.1f} GiB, killing it", flush=True)
+        # subtle: the machine's free memory counts too, so that the kernel's OOM killer never
+        # has to pick a victim (it may pick something other than the server).
+        low = psutil.virtual_memory().available < MIN_FREE
+        if (rss > limit or low) and run.guard_fired_gib is None:
+            run.guard_fired_gib = rss / 2**30
+            print(f"memory guard: server at {run.guard_fired_gib:.1f} GiB"
+                  f"{' (machine nearly out of memory)' if low else ''}, killing it", flush=True)
             os.killpg(proc.pid, signal.SIGKILL)
         await asyncio.sleep(0.25)
 
 
-async def canary(run: Run) -> asyncio.Server:
+async def canary(run: Run, port: int) -> asyncio.Server:
     """An HTTP listener a correct server never contacts; it answers like a schema host."""
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         line = b""
@@ -373,7 +179,7 @@ async def canary(run: Run) -> asyncio.Server:
         except OSError:
             pass
 
-    return await asyncio.start_server(on_connect, "127.0.0.1", run.listener_port)
+    return await asyncio.start_server(on_connect, "127.0.0.1", port)
 
 
 async def phase(run: Run, name: str, hostile: bool) -> dict[str, Any]:
@@ -388,6 +194,7 @@ async def phase(run: Run, name: str, hostile: bool) -> dict[str, Any]:
         if SLOW in run.args.groups:
             tasks += [asyncio.create_task(slow_reader(run))
                       for _ in range(run.args.slow_readers)]
+            tasks.append(asyncio.create_task(dropper(run)))
         if FLOOD in run.args.groups:
             tasks += [asyncio.create_task(flooder(run)) for _ in range(run.args.flood_workers)]
     print(f"phase {name}: {run.args.seconds:.0f} s, {len(tasks)} clients", flush=True)
@@ -395,26 +202,29 @@ async def phase(run: Run, name: str, hostile: bool) -> dict[str, Any]:
     await asyncio.wait({died}, timeout=run.args.seconds)
     died.cancel()
     run.stop.set()
+    # In-flight requests end by their own timeouts; a slow reader also sits out its stall.
     grace = run.args.request_timeout + (run.args.stall + 15 if hostile else 0) + 5
     _, late = await asyncio.wait(tasks, timeout=grace)
     for task in late:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     for task in tasks:  # a bug in the benchmark itself is a harness failure
-        if not task.cancelled() and task.exception() is not None:
-            raise task.exception()  # type: ignore[misc]
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
+            raise exc
     return {"normal": normal, "health": health, "late_clients": len(late)}
 
 
 async def after(run: Run) -> dict[str, Any]:
     """Once the attackers stop: does the server drain its slots and still answer?"""
     out: dict[str, Any] = {"in_flight": None, "engine_running": None, "drain_s": None}
+    run.phase = "after"
     async with run.client(timeout=10) as http:
         t0 = time.monotonic()
         while time.monotonic() - t0 < run.args.drain_wait and not run.dead.is_set():
             try:
                 text = (await http.get("/metrics")).text
-            except (httpx.HTTPError, OSError):
+            except FAILURES:
                 await asyncio.sleep(1)
                 continue
             out["in_flight"] = gauge(text, "steer_requests_in_flight")
@@ -423,7 +233,6 @@ async def after(run: Run) -> dict[str, Any]:
                 out["drain_s"] = time.monotonic() - t0
                 break
             await asyncio.sleep(1)
-        run.phase = "after"
         out["serves"] = (await normal_once(run, http, 0))["label"] == "ok"
     return out
 
@@ -435,8 +244,8 @@ def gauge(text: str, name: str) -> float | None:
     return None
 
 
-async def bench(run: Run) -> dict[str, Any]:
-    listener = await canary(run)
+async def bench(run: Run, canary_port: int) -> dict[str, Any]:
+    listener = await canary(run, canary_port)
     guard = asyncio.create_task(watchdog(run))
     try:
         async with run.client() as http:
@@ -446,7 +255,8 @@ async def bench(run: Run) -> dict[str, Any]:
         results["attack"] = await phase(run, "attack", hostile=True)
         results["after"] = await after(run)
     finally:
-        run.dead.set()
+        if not run.dead.is_set():
+            run.dead.set()  # ends the watchdog; run.died stays None
         await guard
         listener.close()
     return results
@@ -455,13 +265,13 @@ async def bench(run: Run) -> dict[str, Any]:
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_server_args(p, request_timeout=30)
-    p.add_argument("--seconds", type=float, default=150, help="length of each phase")
-    p.add_argument("--quick", action="store_true", help="smoke run: 20 s phases, short stalls")
+    p.add_argument("--seconds", type=float, help="length of each phase [150; --quick 20]")
+    p.add_argument("--quick", action="store_true", help="smoke run: 20 s phases, 5 s stalls")
     p.add_argument("--max-tokens", type=int, default=32, help="the normal client's")
     p.add_argument("--attackers", type=int, default=3)
     p.add_argument("--slow-readers", type=int, default=4)
     p.add_argument("--flood-workers", type=int, default=4)
-    p.add_argument("--stall", type=float, default=60, help="seconds a slow reader stops reading")
+    p.add_argument("--stall", type=float, help="seconds a slow reader stops reading [60; 5]")
     p.add_argument("--gap", type=float, default=0.05, help="pause between one attacker's requests")
     p.add_argument("--groups", type=lambda s: [g.strip() for g in s.split(",")],
                    default=list(GROUPS),
@@ -470,7 +280,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--drain-wait", type=float, default=30,
                    help="after the attacks: how long to wait for in-flight requests to end")
     p.add_argument("--rss-limit-gib", type=float, default=10,
-                   help="kill the server if its process tree passes this")
+                   help="kill the server if its process tree passes this (or the machine "
+                   "has less than 1 GiB left)")
     p.add_argument("--server-arg", action="append", default=[],
                    help="extra `steer serve` argument (repeatable)")
     p.add_argument("--server-env", action="append", default=[],
@@ -479,8 +290,10 @@ def parse_args() -> argparse.Namespace:
     args = p.parse_args()
     if unknown := set(args.groups) - set(GROUPS):
         p.error(f"unknown attack groups {sorted(unknown)}; known: {', '.join(GROUPS)}")
-    if args.quick:
-        args.seconds, args.stall = 20, 5
+    if args.seconds is None:
+        args.seconds = 20 if args.quick else 150
+    if args.stall is None:
+        args.stall = 5 if args.quick else 60
     return args
 
 
@@ -491,6 +304,7 @@ def main() -> int:
     server: Server | None = None
     port = args.port
     t0 = time.monotonic()
+    canary_port = free_port()
     try:
         if not port:
             prepare_model(args.cache_dir)
@@ -500,27 +314,23 @@ def main() -> int:
             print(f"starting steer on :{server.port} (log {server.log})", flush=True)
             server.start(args.start_timeout)
             port = server.port
-        with socket.socket() as sock:  # the canary's port: free now, bound again just after
-            sock.bind(("127.0.0.1", 0))
-            listener_port = int(sock.getsockname()[1])
-        run = Run(args, port, server, catalogue(listener_port), listener_port)
-        results = asyncio.run(bench(run))
+        run = Run(args, port, server, catalogue(canary_port))
+        results = asyncio.run(bench(run, canary_port))
     finally:
         if server:
             server.stop()
+    kinds = {a.name: (a.group, a.expect) for a in run.attacks} | CONNECTION_KINDS
     results |= {
+        "kinds": {name: {"group": group, "expect": sorted(expect)}
+                  for name, (group, expect) in kinds.items() if group in args.groups},
         "outcomes": {k: [o.__dict__ for o in v] for k, v in run.outcomes.items()},
-        "expect": {a.name: sorted(a.expect) for a in run.attacks} | {
-            STALLED: [STALL_CUT, "429"], DROPPED: [CLIENT_CLOSED], FLOODED: ["429", ADMITTED]},
-        "groups": {a.name: a.group for a in run.attacks} | {
-            STALLED: SLOW, DROPPED: SLOW, FLOODED: FLOOD},
         "canary_contacts": run.contacts, "server_died": run.died,
-        "memory_guard_gib": run.guard_fired,
+        "memory_guard_gib": run.guard_fired_gib,
         "peak_rss_mib": {k: v / 2**20 for k, v in run.peak_rss.items()},
         "peak_rss_mib_total": server.peak_rss / 2**20 if server else None,
         "args": vars(args), "machine": machine(), "elapsed_s": time.monotonic() - t0,
     }
-    RESULTS.write_text(json.dumps(results, indent=2, default=str))
+    RESULTS.write_text(json.dumps(results, indent=2))
     print(report(results))
     print(f"\nJSON: {RESULTS}")
     return 0
@@ -528,4 +338,3 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

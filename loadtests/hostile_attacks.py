@@ -29,6 +29,10 @@ ADMITTED = "200 admitted"
 STALL_CUT, STALL_OPEN, STALL_DONE = (
     "200, cut by server", "200, still open after stall", "200, finished after stall")
 
+STALLED = "stalled stream (reads headers, then stops)"
+DROPPED = "dropped before the response"
+FLOODED = "best_of_n n 16 x 4096 tokens, streamed"
+
 REFUSED = frozenset({"4xx"})
 # A pattern a linear-time engine accepts may run (and score 0): 200 is fine as long as
 # /health and the normal client don't notice.
@@ -91,6 +95,16 @@ def long_stream_body() -> bytes:
     """A plain stream that runs long (a slow reader's request, or one dropped unread)."""
     return dumps(chat("Count from 1 to 5000, one number per line.", 4096, stream=True,
                       temperature=0))
+
+
+# The kinds bench_hostile runs itself: name -> (group, expected outcomes). A stalled reader's
+# stream should be cut by the server's send timeout (or refused up front); a flood request
+# should mostly get 429, though some may be admitted.
+CONNECTION_KINDS: dict[str, tuple[str, frozenset[str]]] = {
+    STALLED: (SLOW, frozenset({STALL_CUT, "429"})),
+    DROPPED: (SLOW, frozenset({CLIENT_CLOSED})),
+    FLOODED: (FLOOD, frozenset({"429", ADMITTED})),
+}
 
 
 def catalogue(listener_port: int) -> list[Attack]:

@@ -23,6 +23,7 @@ class Outcome:
     label: str  # an HTTP status, or one of hostile_attacks' labels
     latency: float
     param: str | None = None  # the field a 4xx named
+    detail: str | None = None  # the exception behind a timeout or connection error
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -89,20 +90,21 @@ def summary(res: dict[str, Any]) -> tuple[str, list[str]]:
 def attack_tables(res: dict[str, Any]) -> tuple[str, str, list[str]]:
     by_group: dict[str, list[tuple[str, Outcome]]] = {g: [] for g in GROUPS}
     kind_rows, misses = [], []
-    for kind, raw in res["outcomes"].items():
-        outs = [Outcome(**o) for o in raw]
-        expect = res["expect"][kind]
-        by_group[res["groups"][kind]] += [(kind, o) for o in outs]
-        labels = [o.label for o in outs]
+    for kind, meta in res["kinds"].items():
+        outs = [Outcome(**o) for o in res["outcomes"].get(kind, [])]
+        expect = meta["expect"]
+        by_group[meta["group"]] += [(kind, o) for o in outs]
         bad = [o.label for o in outs if not expected(o.label, expect)]
         params = Counter(o.param for o in outs if o.param)
+        lat = [o.latency for o in outs]
         kind_rows.append([
-            res["groups"][kind], kind, len(outs), counts(labels), len(bad),
-            secs(statistics.median(o.latency for o in outs)),
-            secs(max(o.latency for o in outs)),
+            meta["group"], kind, len(outs), counts([o.label for o in outs]), len(bad),
+            secs(statistics.median(lat) if lat else math.nan), secs(max(lat, default=math.nan)),
             f"`{params.most_common(1)[0][0]}`" if params else "-"])
         if bad:
             misses.append(f"{kind}: {counts(bad)} (expected {', '.join(expect)})")
+        elif not outs:
+            misses.append(f"{kind}: never sent (the phase ended first)")
     group_rows = []
     for group, pairs in by_group.items():
         if not pairs:
@@ -110,7 +112,7 @@ def attack_tables(res: dict[str, Any]) -> tuple[str, str, list[str]]:
         labels = [o.label for _, o in pairs]
         group_rows.append([
             group, len(pairs), len({k for k, _ in pairs}),
-            sum(not expected(o.label, res["expect"][k]) for k, o in pairs),
+            sum(not expected(o.label, res["kinds"][k]["expect"]) for k, o in pairs),
             sum(lab.startswith("5") for lab in labels), labels.count(TIMEOUT),
             labels.count(CONN_ERROR), labels.count(UPLOAD_CUT),
             secs(max(o.latency for _, o in pairs))])
@@ -118,6 +120,10 @@ def attack_tables(res: dict[str, Any]) -> tuple[str, str, list[str]]:
                    "conn errors", "upload cut", "longest"], group_rows),
             table(["group", "attack", "requests", "outcomes", "not as expected", "p50",
                    "longest", "field named"], kind_rows), misses)
+
+
+def unknown(x: float | None) -> str:
+    return "unknown" if x is None else f"{x:.0f}"
 
 
 def report(res: dict[str, Any]) -> str:
@@ -134,8 +140,8 @@ def report(res: dict[str, Any]) -> str:
         f"DIED during {died['phase']} (exit {died['returncode']})" if died else "survived")
         + (f"; the memory guard killed it at {res['memory_guard_gib']:.1f} GiB"
            if res["memory_guard_gib"] else ""))
-    lines.append(f"after the attacks: {after['in_flight']} requests in flight, "
-                 f"{after['engine_running']} engine sequences running "
+    lines.append(f"after the attacks: {unknown(after['in_flight'])} requests in flight, "
+                 f"{unknown(after['engine_running'])} engine sequences running "
                  + (f"(drained in {after['drain_s']:.1f} s)" if after["drain_s"] is not None
                     else f"(not drained within {res['args']['drain_wait']:.0f} s)")
                  + f"; a plain request {'succeeds' if after['serves'] else 'FAILS'}")
