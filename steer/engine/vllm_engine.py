@@ -51,7 +51,7 @@ class VllmEngineConfig:
     served_model_name: str
     dtype: str = "bfloat16"
     max_model_len: int = 8192
-    kv_cache_gib: float = 2.0  # CPU only: VLLM_CPU_KVCACHE_SPACE
+    kv_cache_gib: float = 2.0  # CPU only (vLLM's kv_cache_memory_bytes)
     gpu_memory_utilization: float = 0.85  # GPU only
     enforce_eager: bool = True
     enable_prefix_caching: bool = True
@@ -127,7 +127,10 @@ class VllmEngine(Engine):
         cfg = self.config
         extra: dict[str, Any] = {}
         if current_platform.is_cpu():
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = _gib_str(cfg.kv_cache_gib)
+            # subtle: vLLM's legacy VLLM_CPU_KVCACHE_SPACE takes whole GiB only ("0.5" kills
+            # the start) and overrides the engine argument, so it must not be set at all.
+            os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+            extra["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * 2**30)
             # subtle: with chunked prefill, a seeded request whose prompt is split across
             # steps makes the CPU worker call Generator.get_offset(), which CPU generators
             # lack ("CPU Generator does not use offset"), and the engine core dies. Whole
@@ -396,10 +399,6 @@ def _greedy_copies(params: SamplingParams) -> tuple[SamplingParams, int]:
     if params.n > 1 and params.temperature < GREEDY_BELOW:
         return replace(params, n=1), params.n
     return params, 1
-
-
-def _gib_str(gib: float) -> str:
-    return str(int(gib)) if float(gib).is_integer() else str(gib)
 
 
 def _message_dict(m: Message) -> dict[str, str]:
