@@ -6,7 +6,9 @@ accounting, so critics never see the engine's bookkeeping.
 
 Exception tree:
 
-    CriticError            a critic could not score (bad options, broken plugin)
+    CriticError            a critic could not score: `param` set when the client's spec is
+                           at fault (e.g. an unknown plugin name), unset when the critic
+                           itself broke (a plugin raised)
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from steer.engine import AdapterRef, Generation, Message, Prompt, SamplingParams
 
 
 class CriticError(Exception):
-    pass
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)

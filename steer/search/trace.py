@@ -70,6 +70,12 @@ class Trace:
         lines.append("}")
         return "\n".join(lines)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Trace:
+        """The inverse of `to_dict` (for traces kept serialized)."""
+        info = {k: v for k, v in data.items() if k not in ("strategy", "nodes", "edges")}
+        return cls(data["strategy"], [Node(**n) for n in data["nodes"]], info)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "strategy": self.strategy,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -112,18 +113,48 @@ _FIELD = re.compile(r"^[a-z_][a-z0-9_]*$")
 _TYPE_TAGS = {"body", "str", "int", "float", "bool", "list", "dict", "none"}
 
 
-def from_search_error(exc: Exception) -> APIError:
-    """Translate a search-layer (or engine) exception raised while steering."""
+def from_search_error(exc: Exception, request_id: str | None = None) -> APIError:
+    """Translate a search-layer, critic or engine exception raised while steering;
+    anything else is our bug: a 500, logged with the request id."""
     if isinstance(exc, SteeringInvalid):
         return bad_request(str(exc), exc.param)
     if isinstance(exc, BudgetExhausted):
-        return APIError(400, f"{exc}. Raise the budget or ask for less.",
-                        param="steering.budget", code="budget_exhausted")
+        return from_budget_exhausted(exc)
     if isinstance(exc, CriticError):
-        return bad_request(str(exc), "steering.critic")
+        if exc.param is not None:  # the client's spec named something that can't work
+            return bad_request(str(exc), exc.param, code="invalid_critic")
+        logger.error("critic failed (request %s): %s", request_id, exc)
+        return APIError(500, f"The critic failed: {exc}", type="internal_error",
+                        code="critic_failed")
     if isinstance(exc, EngineError):
         return from_engine_error(exc)
-    return APIError(500, f"steering failed: {exc!r}", type="internal_error")
+    return internal_error(exc, request_id)
+
+
+def from_budget_exhausted(exc: BudgetExhausted) -> APIError:
+    """The request's own budget ran out before any answer: the client may raise it (400).
+    The server's cap ran out: the client can't raise it, so say which one, with a 5xx."""
+    limit = getattr(exc, "limit", None)
+    if getattr(exc, "source", "request") == "server":
+        if limit == "timeout_s":
+            return APIError(504, f"{exc}. This is the server's limit per steered request "
+                            "(STEER_STEER_TIMEOUT_S); ask for a smaller search.",
+                            type="timeout_error", code="server_timeout")
+        return APIError(503, f"{exc}. This is the server's limit per steered request "
+                        f"(STEER_STEER_{str(limit).upper()}); ask for a smaller search.",
+                        type="service_unavailable", code="server_limit_reached")
+    param = f"steering.budget.{limit}" if limit else "steering.budget"
+    return APIError(400, f"{exc}. Raise the budget or ask for less.", param=param,
+                    code="budget_exhausted")
+
+
+def internal_error(exc: BaseException, request_id: str | None = None) -> APIError:
+    """A failure that is our bug, not the client's: logged with its traceback and an id the
+    client can quote."""
+    rid = request_id or f"err-{uuid.uuid4().hex[:12]}"
+    logger.error("internal error in request %s", rid, exc_info=exc)
+    return APIError(500, f"Internal server error ({type(exc).__name__}); request id {rid}.",
+                    type="internal_error", code="internal_error")
 
 
 def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
@@ -175,6 +206,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _engine(_: Request, exc: EngineError) -> JSONResponse:
         return from_engine_error(exc).response()
 
+    @app.exception_handler(CriticError)
+    async def _critic(_: Request, exc: CriticError) -> JSONResponse:
+        return from_search_error(exc).response()
+
     @app.exception_handler(SearchError)
     async def _search(_: Request, exc: SearchError) -> JSONResponse:
         return from_search_error(exc).response()
@@ -186,13 +221,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return APIError(exc.status_code, str(exc.detail), type=kind).response()
+        # subtle: keep Starlette's headers (a 405's Allow, which RFC 9110 requires)
+        return APIError(exc.status_code, str(exc.detail), type=kind,
+                        headers=dict(exc.headers) if exc.headers else None).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error")
-        return APIError(500, f"Internal server error: {type(exc).__name__}",
-                        type="internal_error").response()
+        return internal_error(exc).response()
 
 
 def sse_error(err: APIError) -> str:

@@ -53,6 +53,14 @@ class Metrics:
             "steer_requests_rejected", "Requests refused by admission control", ["reason"],
             registry=r,
         )
+        self.admitted_work = Gauge(
+            "steer_admitted_work_tokens",
+            "Work admitted or queued (tokens the engine may be asked to process)", registry=r,
+        )
+        self.stream_send_timeouts = Counter(
+            "steer_stream_send_timeouts", "Streams cut off because the client stopped reading",
+            registry=r,
+        )
         self.engine_up = Gauge("steer_engine_up", "1 when the engine is healthy", registry=r)
         self.engine_running = Gauge(
             "steer_engine_requests_running", "Sequences unfinished inside the engine",

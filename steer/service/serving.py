@@ -7,13 +7,16 @@ admission, cancel-on-disconnect and token metrics. Generation itself is the engi
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sse_starlette import EventSourceResponse
+from sse_starlette.sse import SendTimeoutError
 from starlette.requests import Request
+from starlette.types import Receive, Scope, Send
 
 from steer.engine import (
     AdapterRef,
@@ -29,7 +32,14 @@ from steer.engine import (
 )
 from steer.service.adapters import RequestAdapters
 from steer.service.admission import Admission
-from steer.service.errors import APIError, bad_request, from_engine_error, sse_error
+from steer.service.errors import (
+    APIError,
+    bad_request,
+    from_engine_error,
+    internal_error,
+    sse_error,
+)
+from steer.service.limits import check_messages, check_prompts, request_key
 from steer.service.metrics import Metrics
 from steer.service.protocol import (
     AssistantMessage,
@@ -55,6 +65,7 @@ from steer.service.settings import Settings
 
 T = TypeVar("T")
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,6 +90,16 @@ class Serving:
                 type="not_found_error", param="model", code="model_not_found",
             )
         return self.adapters.resolve(model)  # UnknownAdapter: 404 listing what exists
+
+    def check_chat_size(self, req: ChatCompletionRequest) -> None:
+        s = self.settings
+        check_messages([m.text() for m in req.messages], s.max_messages, s.max_prompt_chars)
+
+    def work(self, prompt_chars: int, sequences: int, max_tokens: int | None) -> int:
+        """Tokens a request may make the engine process: every sequence's new tokens (the
+        server's cap when the request sets none) plus its prompt (~4 characters a token)."""
+        new = min(max_tokens or self.settings.max_tokens_cap, self.engine.max_model_len)
+        return sequences * new + prompt_chars // 4
 
     def served_names(self) -> list[str]:
         """The names a request's `model` may use: the base model's, then every adapter's."""
@@ -136,17 +157,20 @@ class Serving:
 
     async def chat(self, req: ChatCompletionRequest, http: Request) -> Any:
         """A plain (unsteered) chat completion."""
+        self.check_chat_size(req)
         adapter = self.check_model(req.model)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self.sampling(req, req.max_tokens_field(), logprobs)
         messages = [to_message(m.role, m.text()) for m in req.messages]
+        admit = Admit(self.work(sum(len(m.content) for m in messages), params.n,
+                                params.max_tokens), request_key(req.user))
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return await self._stream(
                 messages, params, CHAT, "messages", include_usage,
-                lambda: ChatRenderer(req.model), adapter, req.max_tokens_field()[0],
+                lambda: ChatRenderer(req.model), admit, adapter, req.max_tokens_field()[0],
             )
-        gens = await self._generate(http, [messages], params, CHAT, "messages", adapter,
+        gens = await self._generate(http, [messages], params, CHAT, "messages", admit, adapter,
                                     req.max_tokens_field()[0])
         return ChatCompletion(
             id=new_id("chatcmpl"),
@@ -172,7 +196,10 @@ class Serving:
         if req.echo and req.logprobs is not None:
             raise bad_request("echo with logprobs is not supported", "echo")
         prompts = req.prompts()
+        check_prompts(prompts, self.settings.max_prompts, self.settings.max_prompt_chars)
         params = self.sampling(req, ("max_tokens", req.max_tokens), req.logprobs)
+        admit = Admit(self.work(sum(map(len, prompts)), len(prompts) * params.n,
+                                params.max_tokens), request_key(req.user))
         if req.stream:
             if len(prompts) > 1:
                 raise bad_request("streaming supports one prompt at a time", "prompt")
@@ -180,9 +207,10 @@ class Serving:
             echo = prompts[0] if req.echo else ""
             return await self._stream(
                 prompts[0], params, COMPLETIONS, "prompt", include_usage,
-                lambda: CompletionRenderer(req.model, echo), adapter,
+                lambda: CompletionRenderer(req.model, echo), admit, adapter,
             )
-        gens = await self._generate(http, list(prompts), params, COMPLETIONS, "prompt", adapter)
+        gens = await self._generate(http, list(prompts), params, COMPLETIONS, "prompt", admit,
+                                    adapter)
         return Completion(
             id=new_id("cmpl"),
             created=now(),
@@ -203,10 +231,10 @@ class Serving:
 
     async def _generate(
         self, http: Request, prompts: list[Prompt], params: SamplingParams, route: str,
-        prompt_param: str, adapter: AdapterRef | None = None,
+        prompt_param: str, admit: Admit, adapter: AdapterRef | None = None,
         max_tokens_param: str = "max_tokens",
     ) -> list[Generation]:
-        ticket = await self.admission.acquire()
+        ticket = await self.admission.acquire(admit.work, admit.key)
         rid = new_id("req")
         start = time.perf_counter()
         try:
@@ -216,6 +244,10 @@ class Serving:
             )
         except EngineError as exc:
             raise from_engine_error(exc, prompt_param, max_tokens_param) from exc
+        except APIError:
+            raise
+        except Exception as exc:
+            raise internal_error(exc, rid) from exc
         finally:
             self.admission.release(ticket)
         usage = _usage(gens)
@@ -226,10 +258,10 @@ class Serving:
 
     async def _stream(
         self, prompt: Prompt, params: SamplingParams, route: str, prompt_param: str,
-        include_usage: bool, renderer: Callable[[], Renderer], adapter: AdapterRef | None = None,
-        max_tokens_param: str = "max_tokens",
+        include_usage: bool, renderer: Callable[[], Renderer], admit: Admit,
+        adapter: AdapterRef | None = None, max_tokens_param: str = "max_tokens",
     ) -> EventSourceResponse:
-        ticket = await self.admission.acquire()
+        ticket = await self.admission.acquire(admit.work, admit.key)
         rid = new_id("req")
         start = time.perf_counter()
         stream = self.engine.stream(prompt, params, adapter, request_id=rid)
@@ -240,35 +272,96 @@ class Serving:
         except EngineError as exc:
             self.admission.release(ticket)
             raise from_engine_error(exc, prompt_param, max_tokens_param) from exc
+        except Exception as exc:
+            self.admission.release(ticket)
+            raise internal_error(exc, rid) from exc
         except BaseException:
             self.admission.release(ticket)
             raise
         self.metrics.ttft.labels(route).observe(time.perf_counter() - start)
         out = renderer()
 
-        async def events() -> AsyncIterator[str]:
-            try:
-                for event in out.start(params.n):
+        async def events() -> AsyncGenerator[str, None]:
+            for event in out.start(params.n):
+                yield event
+            item: StreamDelta | StreamEnd | None = first
+            while item is not None:
+                if isinstance(item, StreamEnd):
+                    self.metrics.count_tokens(route, item.prompt_tokens, item.completion_tokens)
+                    if include_usage:
+                        yield out.usage(Usage.of(item.prompt_tokens, item.completion_tokens))
+                    break
+                for event in out.delta(item):
                     yield event
-                item: StreamDelta | StreamEnd | None = first
-                while item is not None:
-                    if isinstance(item, StreamEnd):
-                        self.metrics.count_tokens(route, item.prompt_tokens,
-                                                  item.completion_tokens)
-                        if include_usage:
-                            yield out.usage(Usage.of(item.prompt_tokens, item.completion_tokens))
-                        break
-                    for event in out.delta(item):
-                        yield event
-                    item = await anext(stream, None)
-                yield "[DONE]"
-            except EngineError as exc:
-                yield sse_error(from_engine_error(exc, prompt_param))
-            finally:
-                await stream.aclose()  # on a client disconnect this aborts the engine request
-                self.admission.release(ticket)
+                item = await anext(stream, None)
 
-        return EventSourceResponse(events(), ping=15)
+        async def close() -> None:
+            await stream.aclose()  # on a client disconnect this aborts the engine request
+            self.admission.release(ticket)
+
+        return guarded_stream(events(), close, rid, prompt_param, self.settings, self.metrics)
+
+
+@dataclass(frozen=True)
+class Admit:
+    """What admission weighs a request by: its work (tokens) and whom it counts against."""
+
+    work: int
+    key: str | None
+
+
+class GuardedEventSource(EventSourceResponse):
+    """An SSE response whose cleanup runs on every path: the events ran out, the client
+    left, a send timed out (a client that stopped reading: its socket buffer is full), or
+    the response never started (the client left before the first byte)."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], Awaitable[None]],
+                 send_timeout: float, metrics: Metrics) -> None:
+        super().__init__(content, ping=15, send_timeout=send_timeout)
+        self._on_close = on_close
+        self._metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except SendTimeoutError:
+            # subtle: the client is still connected but reads nothing; keep-alive pings
+            # would hold it open forever. Cut it off and free what it held.
+            self._metrics.stream_send_timeouts.inc()
+            logger.info("stream cut off: the client stopped reading for %.0fs",
+                        self.send_timeout or 0)
+        finally:
+            await self._on_close()
+
+
+def guarded_stream(
+    events: AsyncGenerator[str, None], on_close: Callable[[], Awaitable[None]], request_id: str,
+    prompt_param: str, settings: Settings, metrics: Metrics,
+    translate: Callable[[Exception], APIError | None] | None = None,
+) -> GuardedEventSource:
+    """SSE for `events`: any failure after the headers went out ends the stream with an
+    error event in OpenAI's shape and `[DONE]`, never a dropped connection. `translate`
+    maps the errors a caller knows (else engine errors are translated, the rest are 500s,
+    logged with the request id)."""
+
+    async def body() -> AsyncIterator[str]:
+        err: APIError | None = None
+        try:
+            async for event in events:
+                yield event
+        except Exception as exc:  # after the headers: the error must travel in the stream
+            err = translate(exc) if translate else None
+            if err is None and isinstance(exc, EngineError):
+                err = from_engine_error(exc, prompt_param)
+            if err is None:
+                err = internal_error(exc, request_id)
+        finally:
+            await events.aclose()
+        if err is not None:
+            yield sse_error(err)
+        yield "[DONE]"
+
+    return GuardedEventSource(body(), on_close, settings.sse_send_timeout_s, metrics)
 
 
 async def cancel_on_disconnect(

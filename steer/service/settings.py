@@ -57,6 +57,23 @@ class Settings(BaseSettings):
     max_queued_requests: int = Field(256, ge=0)
     max_n: int = Field(16, ge=1)
     max_tokens_cap: int = Field(4096, ge=1)
+    max_body_bytes: int = Field(4 * 2**20, ge=1024, description="larger bodies: 413")
+    max_messages: int = Field(512, ge=1, description="messages in one chat request")
+    max_prompt_chars: int = Field(
+        262144, ge=1, description="characters of prompt text in one request (all messages)"
+    )
+    max_prompts: int = Field(64, ge=1, description="prompts in one /v1/completions request")
+    # Admission weighs work: tokens the engine may be asked to process (see admission.py).
+    max_inflight_tokens: int = Field(1_048_576, ge=1)
+    max_heavy_share: float = Field(
+        0.75, gt=0, le=1, description="share of the work amplified requests may hold"
+    )
+    max_key_share: float = Field(
+        0.5, gt=0, le=1, description="share of the work one API key or user may hold"
+    )
+    sse_send_timeout_s: float = Field(
+        30.0, gt=0, description="a stream whose client stops reading this long is cut off"
+    )
     drain_timeout_s: float = Field(30.0, ge=0)
 
     # Steering: server-wide caps on one request's budget (requests may ask for less)
@@ -66,6 +83,7 @@ class Settings(BaseSettings):
     templates_dir: Path | None = Field(None, description="extra prompt templates (*.toml)")
     no_batching: bool = Field(False, description="benchmarks only: one sequence per call")
     trace_store_size: int = Field(256, ge=0)
+    trace_store_bytes: int = Field(64 * 2**20, ge=0, description="serialized traces kept")
     trace_ttl_s: float = Field(3600.0, gt=0)
 
     @field_validator("lora_modules", mode="before")

@@ -7,16 +7,16 @@ The search itself is `steer.search`; this module only parses, admits, renders an
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi.responses import JSONResponse
-from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 
-from steer.engine import AdapterRef, EngineError, PromptTooLong, StreamDelta
+from steer.engine import AdapterRef, PromptTooLong, SamplingParams, StreamDelta
 from steer.search import (
+    Plan,
     Progress,
     SearchError,
     Steerer,
@@ -27,7 +27,8 @@ from steer.search import (
     with_reasoning_effort,
 )
 from steer.service.admission import Admission
-from steer.service.errors import bad_request, from_search_error, sse_error
+from steer.service.errors import APIError, bad_request, from_search_error
+from steer.service.limits import request_key
 from steer.service.metrics import Metrics
 from steer.service.protocol import (
     AssistantMessage,
@@ -41,9 +42,12 @@ from steer.service.protocol import (
 )
 from steer.service.serving import (
     CHAT,
+    Admit,
     ChatRenderer,
+    GuardedEventSource,
     Serving,
     cancel_on_disconnect,
+    guarded_stream,
     to_message,
 )
 from steer.service.traces import TraceStore
@@ -86,6 +90,7 @@ class SteeredChat:
 
     async def handle(self, req: ChatCompletionRequest, http: Request) -> Any:
         """Every chat completion: plain ones go straight to the engine, steered ones search."""
+        self.serving.check_chat_size(req)
         spec, model = requested_spec(req, self.serving.served_names())
         if spec is None:
             return await self.serving.chat(req, http)
@@ -111,21 +116,24 @@ class SteeredChat:
         if prompt_tokens >= engine.max_model_len:
             raise from_search_error(PromptTooLong(prompt_tokens, None, engine.max_model_len))
         rid = new_id("steer")
+        admit = Admit(self._work(plan, params, prompt_tokens), request_key(req.user))
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             stream = self.steerer.stream(plan, messages, params, adapter, rid)
-            return await self._stream(stream, plan.name, model, include_usage,
-                                      rid if plan.trace else None)
-        ticket = await self.admission.acquire()
+            return await self._stream(stream, plan.name, model, include_usage, rid,
+                                      plan.trace, admit)
+        ticket = await self.admission.acquire(admit.work, admit.key)
         start = time.perf_counter()
         try:
             result = await cancel_on_disconnect(
                 http, lambda: self.steerer.run(plan, messages, params, adapter, rid),
                 on_cancel=_nothing,
             )
-        except (SearchError, EngineError) as exc:
+        except APIError:
+            raise
+        except Exception as exc:  # search, critic, engine: translated; anything else a 500
             self.metrics.strategy_errors.labels(plan.name).inc()
-            raise from_search_error(exc) from exc
+            raise from_search_error(exc, rid) from exc
         finally:
             self.admission.release(ticket)
         self._count(plan.name, result, time.perf_counter() - start)
@@ -138,45 +146,55 @@ class SteeredChat:
         )
         return JSONResponse(body.model_dump())
 
+    def _work(self, plan: Plan, params: SamplingParams, prompt_tokens: int) -> int:
+        """What a search may ask of the engine, known before its first call: its planned
+        sequences (at most its call budget), each up to the request's max_tokens with the
+        prompt, and never more than its token budget."""
+        calls = min(plan.strategy.planned_calls(), plan.budget.max_model_calls)
+        per_call = min(params.max_tokens or self.serving.settings.max_tokens_cap,
+                       self.serving.engine.max_model_len) + prompt_tokens
+        return min(calls * per_call, plan.budget.max_total_tokens)
+
     async def _stream(
         self, stream: AsyncGenerator[Progress | StreamDelta | SteerResult, None], name: str,
-        model: str, include_usage: bool, trace_id: str | None,
-    ) -> EventSourceResponse:
+        model: str, include_usage: bool, rid: str, trace: bool, admit: Admit,
+    ) -> GuardedEventSource:
         # Validation is done (plan); headers go out now and progress streams as it happens.
-        ticket = await self.admission.acquire()
+        ticket = await self.admission.acquire(admit.work, admit.key)
         start = time.perf_counter()
         out = ChatRenderer(model)
 
-        async def events() -> AsyncIterator[str]:
-            try:
-                for event in out.start(1):
-                    yield event
-                first_token = True
-                async for item in stream:
-                    if isinstance(item, Progress):
-                        yield out.progress(item.event)
-                    elif isinstance(item, StreamDelta):
-                        if item.text:
-                            if first_token:
-                                first_token = False
-                                self.metrics.ttft.labels(CHAT).observe(
-                                    time.perf_counter() - start)
-                            yield out.content(item.text)
-                    else:
-                        self._count(name, item, time.perf_counter() - start)
-                        extra = {"trace": self._trace(item, trace_id)} if trace_id else None
-                        yield out.finish(item.finish_reason, extra)
-                        if include_usage:
-                            yield out.usage(_usage(item))
-                yield "[DONE]"
-            except (SearchError, EngineError) as exc:
-                self.metrics.strategy_errors.labels(name).inc()
-                yield sse_error(from_search_error(exc))
-            finally:
-                await stream.aclose()  # cancels the search and aborts its engine calls
-                self.admission.release(ticket)
+        async def events() -> AsyncGenerator[str, None]:
+            for event in out.start(1):
+                yield event
+            first_token = True
+            async for item in stream:
+                if isinstance(item, Progress):
+                    yield out.progress(item.event)
+                elif isinstance(item, StreamDelta):
+                    if item.text:
+                        if first_token:
+                            first_token = False
+                            self.metrics.ttft.labels(CHAT).observe(time.perf_counter() - start)
+                        yield out.content(item.text)
+                else:
+                    self._count(name, item, time.perf_counter() - start)
+                    extra = {"trace": self._trace(item, rid)} if trace else None
+                    yield out.finish(item.finish_reason, extra)
+                    if include_usage:
+                        yield out.usage(_usage(item))
 
-        return EventSourceResponse(events(), ping=15)
+        def translate(exc: Exception) -> APIError:
+            self.metrics.strategy_errors.labels(name).inc()
+            return from_search_error(exc, rid)
+
+        async def close() -> None:
+            await stream.aclose()  # cancels the search and aborts its engine calls
+            self.admission.release(ticket)
+
+        settings = self.serving.settings
+        return guarded_stream(events(), close, rid, "messages", settings, self.metrics,
+                              translate)
 
     def _count(self, name: str, result: SteerResult, elapsed: float) -> None:
         m = self.metrics
