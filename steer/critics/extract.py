@@ -75,8 +75,8 @@ def by_regex(pattern: str) -> Callable[[str], str | None]:
     group = 1 if compiled.groups else 0
 
     def extract(text: str) -> str | None:
-        matches = compiled.findall_matches(text)
-        found = matches[-1].group(group) if matches else None
+        match = compiled.last_match(text)
+        found = match.group(group) if match is not None else None
         return (found or "").strip().lower() or None
 
     return extract

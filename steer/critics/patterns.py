@@ -15,6 +15,7 @@ which group): callers do.
 from __future__ import annotations
 
 import functools
+import time
 from typing import Annotated, Any, Protocol
 
 import re2
@@ -22,10 +23,14 @@ from pydantic import AfterValidator, Field
 
 MAX_PATTERN_CHARS = 1000
 # RE2 instructions. Matching costs at most text length x program size when RE2 has to fall
-# back from its DFA to the NFA (captures); this keeps that under a second for long outputs.
-MAX_PROGRAM_SIZE = 4096
+# back from its DFA to the NFA (a DFA that outgrows MAX_MEM); 2000 allows `\pL+` or
+# `.{1,200}` and keeps the worst search over 64 KiB of output near a second. RE2 releases
+# the GIL while it matches, so critics run it in a thread, off the event loop.
+MAX_PROGRAM_SIZE = 2000
 # RE2's own cap on compiled program + DFA cache memory, per pattern (its default is 8 MiB).
 MAX_MEM = 2 << 20
+MAX_MATCHES = 1000
+LAST_MATCH_SECONDS = 0.25
 
 
 def _options() -> Any:
@@ -48,27 +53,36 @@ class ClientPattern:
         self.pattern: str = compiled.pattern
 
     def search(self, text: str) -> Match | None:
-        return self._call("search", text)  # type: ignore[no-any-return]
+        return self._re.search(_encodable(text))  # type: ignore[no-any-return]
 
     def fullmatch(self, text: str) -> Match | None:
-        return self._call("fullmatch", text)  # type: ignore[no-any-return]
+        return self._re.fullmatch(_encodable(text))  # type: ignore[no-any-return]
 
-    def findall_matches(self, text: str) -> list[Match]:
-        """Every non-overlapping match, like `list(re.finditer(...))`."""
-        return self._call("finditer", text)  # type: ignore[no-any-return]
+    def last_match(self, text: str) -> Match | None:
+        """The last of `re.finditer`'s matches, looking at the first MAX_MATCHES and for at
+        most LAST_MATCH_SECONDS.
 
-    def _call(self, method: str, text: str) -> Any:
-        try:
-            return _run(self._re, method, text)
-        except UnicodeEncodeError:
-            # subtle: JSON can carry lone surrogates ("\ud800"), which RE2's UTF-8 can't
-            # encode; "?" keeps every other character at its place.
-            return _run(self._re, method, text.encode("utf-8", "replace").decode("utf-8"))
+        subtle: one RE2 search is linear, but iterating is not: each search may scan to the
+        end of the text before settling on a short match (`a*b|a` over "aaaa..."), so n
+        matches can cost n x len(text). Hence the caps; only such patterns ever reach them.
+        """
+        deadline = time.monotonic() + LAST_MATCH_SECONDS
+        last = None
+        for count, match in enumerate(self._re.finditer(_encodable(text)), 1):
+            last = match
+            if count >= MAX_MATCHES or time.monotonic() > deadline:
+                break
+        return last
 
 
-def _run(compiled: Any, method: str, text: str) -> Any:
-    result = getattr(compiled, method)(text)
-    return list(result) if method == "finditer" else result
+def _encodable(text: str) -> str:
+    """subtle: JSON can carry lone surrogates ("\\ud800"), which RE2's UTF-8 can't encode;
+    each becomes "?", so every other character keeps its place."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+    return text
 
 
 @functools.lru_cache(maxsize=256)

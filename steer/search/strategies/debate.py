@@ -13,9 +13,10 @@ import asyncio
 from collections import Counter
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from steer.critics.extract import extractor
+from steer.critics.patterns import PatternStr
 from steer.engine import Generation, Message
 from steer.search.base import (
     Context,
@@ -45,9 +46,15 @@ class Debate(Strategy):
         rounds: int = Field(2, ge=1, le=8)
         aggregate: Literal["majority", "judge", "consensus"] = "majority"
         extract: str = Field("last_number", pattern="^(last_number|answer_line|choice|regex)$")
-        pattern: str | None = None
+        pattern: PatternStr | None = None
         summarize: bool = False
         summary_tokens: int = Field(200, ge=16, le=2048)
+
+        @model_validator(mode="after")
+        def _pattern_for_regex(self) -> Debate.Options:
+            if self.extract == "regex" and not self.pattern:
+                raise ValueError("extract 'regex' needs a 'pattern'")
+            return self
 
     @property
     def opts(self) -> Debate.Options:

@@ -9,6 +9,7 @@ from collections import Counter
 from pydantic import Field, model_validator
 
 from steer.critics.extract import extractor
+from steer.critics.patterns import PatternStr
 from steer.search.base import (
     Context,
     Final,
@@ -84,7 +85,7 @@ class SelfConsistency(Strategy):
         k: int = Field(5, ge=1, le=64)
         temperature: float = Field(0.7, ge=0.0, le=2.0)
         extract: str = Field("last_number", pattern="^(last_number|answer_line|choice|regex)$")
-        pattern: str | None = None
+        pattern: PatternStr | None = None
 
         @model_validator(mode="after")
         def _pattern_for_regex(self) -> SelfConsistency.Options:
