@@ -16,6 +16,7 @@ from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from steer.engine import lifeline
 from steer.engine.base import (
     Engine,
     EngineDead,
@@ -166,6 +167,8 @@ class VllmEngine(Engine):
             max_logprobs=MAX_LOGPROBS,
             **extra,
         )
+        # The engine's processes, started now, end themselves if this server dies.
+        lifeline.export_server()
         return AsyncLLM.from_engine_args(args)
 
     async def shutdown(self) -> None:
@@ -360,7 +363,7 @@ class VllmEngine(Engine):
 
         if isinstance(exc, EngineDeadError) or (self._llm is not None and self._llm.errored):
             return EngineDead(f"the engine has died: {exc!r}")
-        if isinstance(exc, ValueError | TypeError | VLLMClientError):
+        if isinstance(exc, VLLMClientError):
             return EngineRequestError(str(exc), getattr(exc, "parameter", None))
         return exc
 
