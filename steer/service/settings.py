@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(4 * 2**20, ge=1024, description="larger bodies: 413")
     max_messages: int = Field(512, ge=1, description="messages in one chat request")
     max_prompt_chars: int = Field(
-        262144, ge=1, description="characters of prompt text in one request (all messages)"
+        131072, ge=1, description="characters of prompt text in one request (all messages)"
     )
     max_prompts: int = Field(64, ge=1, description="prompts in one /v1/completions request")
     # Admission weighs work: tokens the engine may be asked to process (see admission.py).
