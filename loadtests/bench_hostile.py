@@ -9,21 +9,26 @@ contacted) and to file:///etc/passwd, huge integers (n 10^9, agents 10^9, budget
 5,000-digit number), huge lists (100,000 prompts, messages, content parts, stop strings,
 personas, few-shot examples; 1,000 prompts x n 16), huge bodies (20 MB with and without
 Content-Length, JSON nested 100,000 deep), slow readers (streams whose reader takes the headers,
-then stops reading for --stall seconds with a 4 KB receive buffer; requests dropped before the
-response) and a flood of best_of_n n=16 x max_tokens 4096 streams. --attackers workers cycle
-through the body-borne kinds in shuffled order (--gap seconds apart), --slow-readers and
---flood-workers run beside them (a flood worker that gets a 429 waits 0.2 s). Every loop is
-bounded in time and count; every request has a timeout.
-
+then stops reading for --stall seconds with a 4 KB receive buffer; 8 long requests dropped
+before the response every 2 s) and a flood of best_of_n n=16 x max_tokens 4096 streams (an
+admitted one is read to the end of the phase). --attackers workers share one cycle through the
+body-borne kinds, reshuffled every round (--gap seconds between one worker's requests);
+--slow-readers and --flood-workers run beside them (a flood worker that gets a 429 waits
+0.2 s). Every loop is bounded in time and count; every request has a timeout
+(--request-timeout). --groups picks attack groups (e.g. to leave out one that freezes the
+server and hides the rest).
 Throughout, /health is polled every 150 ms. Reported: the normal client's p50/p99 latency in
 both phases and their ratio (target: p50 within 1.2x), the longest /health response (target:
-< 1 s), each attack kind's outcomes (target: all refused with a 4xx/429, or run harmlessly
-where that is right; 5xx, timeouts and connection errors counted apart), whether the canary
-listener was contacted, requests still in flight once the attackers stop, whether the server
-survived, and the server's peak memory (RSS of its process tree; a guard kills the server if it
-passes --rss-limit-gib, so that a runaway can't take the machine). Target misses are reported,
-not failed: the exit status is non-zero only when the benchmark itself fails. JSON in
-loadtests/results/bench_hostile.json. Traffic goes to 127.0.0.1 only.
+< 1 s), each attack kind's outcomes (target: refused with a 4xx or 429; a ReDoS pattern that a
+linear-time engine accepts may also run (200), a stalled stream should be cut by the server, a
+flood request may be admitted; 5xx, timeouts and connection errors are counted apart), whether
+the canary listener was contacted, requests still in flight once the attackers stop, whether
+the server survived, the server's peak memory (RSS of its process tree; a guard kills the
+server if it passes --rss-limit-gib or the machine runs low, so that a runaway can't take the
+machine) and the CPU seconds of the server and of the benchmark itself per phase. Target misses
+are reported, not failed: the exit status is non-zero only when the benchmark itself fails.
+JSON in loadtests/results/bench_hostile.json (`python loadtests/hostile_report.py FILE`
+re-prints it). Traffic goes to 127.0.0.1 only.
 
 Run:  .venv/bin/python loadtests/bench_hostile.py            (~6 min + startup: 2 x 150 s)
       .venv/bin/python loadtests/bench_hostile.py --quick    (smoke run: 2 x 20 s)
@@ -35,6 +40,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import signal
 import sys
 import time
@@ -62,12 +68,12 @@ from hostile_clients import (
     dropper,
     failure,
     flooder,
+    rounds,
     slow_reader,
 )
 from hostile_report import report
 
 RESULTS = RESULTS_DIR / "bench_hostile.json"
-MIN_FREE = 2**30  # the memory guard also fires when the machine has less than this left
 NORMAL_PROMPTS = ["What is the capital of France?", "Name three colors.", "What is 7 times 8?",
                   "Give me a word that rhymes with cat.", "What day comes after Monday?",
                   "Name a large animal.", "What is water made of?", "Say hello in Spanish."]
@@ -151,7 +157,7 @@ async def watchdog(run: Run) -> None:
         run.peak_rss[run.phase] = max(run.peak_rss.get(run.phase, 0), rss)
         # subtle: the machine's free memory counts too, so that the kernel's OOM killer never
         # has to pick a victim (it may pick something other than the server).
-        low = psutil.virtual_memory().available < MIN_FREE
+        low = psutil.virtual_memory().available < run.args.min_free_gib * 2**30
         if (rss > limit or low) and run.guard_fired_gib is None:
             run.guard_fired_gib = rss / 2**30
             print(f"memory guard: server at {run.guard_fired_gib:.1f} GiB"
@@ -190,7 +196,8 @@ async def phase(run: Run, name: str, hostile: bool) -> dict[str, Any]:
     tasks = [asyncio.create_task(normal_client(run, normal)),
              asyncio.create_task(health_poller(run, health))]
     if hostile:
-        tasks += [asyncio.create_task(attacker(run, i)) for i in range(run.args.attackers)]
+        queue = rounds(run)
+        tasks += [asyncio.create_task(attacker(run, queue)) for _ in range(run.args.attackers)]
         if SLOW in run.args.groups:
             tasks += [asyncio.create_task(slow_reader(run))
                       for _ in range(run.args.slow_readers)]
@@ -198,6 +205,7 @@ async def phase(run: Run, name: str, hostile: bool) -> dict[str, Any]:
         if FLOOD in run.args.groups:
             tasks += [asyncio.create_task(flooder(run)) for _ in range(run.args.flood_workers)]
     print(f"phase {name}: {run.args.seconds:.0f} s, {len(tasks)} clients", flush=True)
+    cpu0 = (own_cpu(), run.server.cpu() if run.server else (0.0, 0.0))
     died = asyncio.create_task(run.dead.wait())
     await asyncio.wait({died}, timeout=run.args.seconds)
     died.cancel()
@@ -212,7 +220,16 @@ async def phase(run: Run, name: str, hostile: bool) -> dict[str, Any]:
         exc = None if task.cancelled() else task.exception()
         if exc is not None:
             raise exc
-    return {"normal": normal, "health": health, "late_clients": len(late)}
+    cpu1 = (own_cpu(), run.server.cpu() if run.server else (0.0, 0.0))
+    return {"normal": normal, "health": health, "late_clients": len(late),
+            "bench_cpu_s": cpu1[0] - cpu0[0], "server_front_cpu_s": cpu1[1][0] - cpu0[1][0],
+            "server_engine_cpu_s": cpu1[1][1] - cpu0[1][1]}
+
+
+def own_cpu() -> float:
+    """CPU seconds of this process so far: the benchmark's own share of the 2 cores."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 async def after(run: Run) -> dict[str, Any]:
@@ -252,7 +269,10 @@ async def bench(run: Run, canary_port: int) -> dict[str, Any]:
             for i in range(3):  # first-request costs out of the way
                 await normal_once(run, http, i)
         results = {"baseline": await phase(run, "baseline", hostile=False)}
-        results["attack"] = await phase(run, "attack", hostile=True)
+        results["attack"] = (await phase(run, "attack", hostile=True) if not run.dead.is_set()
+                             else {"normal": [], "health": [], "late_clients": 0,
+                                   "bench_cpu_s": 0.0, "server_front_cpu_s": 0.0,
+                                   "server_engine_cpu_s": 0.0})
         results["after"] = await after(run)
     finally:
         if not run.dead.is_set():
@@ -280,8 +300,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--drain-wait", type=float, default=30,
                    help="after the attacks: how long to wait for in-flight requests to end")
     p.add_argument("--rss-limit-gib", type=float, default=10,
-                   help="kill the server if its process tree passes this (or the machine "
-                   "has less than 1 GiB left)")
+                   help="kill the server if its process tree passes this")
+    p.add_argument("--min-free-gib", type=float, default=1,
+                   help="... or if the machine has less than this left")
     p.add_argument("--server-arg", action="append", default=[],
                    help="extra `steer serve` argument (repeatable)")
     p.add_argument("--server-env", action="append", default=[],

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import random
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,17 +114,23 @@ async def send(run: Run, http: httpx.AsyncClient, attack: Attack) -> Outcome:
         return Outcome(failure(exc), time.perf_counter() - t0, detail=repr(exc)[:200])
 
 
-async def attacker(run: Run, wid: int) -> None:
-    rng = random.Random(run.args.seed + wid)
+def rounds(run: Run) -> Iterator[Attack]:
+    """Every chosen attack once per round, in a fresh seeded order each round; the attackers
+    share this one iterator, so a round is spread over them and every kind is reached early."""
+    rng = random.Random(run.args.seed)
     kinds = [a for a in run.attacks if a.group in run.args.groups]
-    async with run.client(limits=httpx.Limits(max_connections=4)) as http:
-        for _ in range(MAX_PER_WORKER):
-            rng.shuffle(kinds)
-            for attack in kinds:
-                if run.stop.is_set():
-                    return
-                run.record(attack.name, await send(run, http, attack))
-                await asyncio.sleep(run.args.gap)
+    for _ in range(MAX_PER_WORKER):
+        rng.shuffle(kinds)
+        yield from kinds
+
+
+async def attacker(run: Run, queue: Iterator[Attack]) -> None:
+    async with run.client() as http:
+        for attack in itertools.islice(queue, MAX_PER_WORKER):
+            if run.stop.is_set():
+                return
+            run.record(attack.name, await send(run, http, attack))
+            await asyncio.sleep(run.args.gap)
 
 
 async def dropper(run: Run) -> None:

@@ -39,6 +39,15 @@ def secs(x: float) -> str:
     return "-" if math.isnan(x) else f"{x:.2f} s" if x >= 0.1 else f"{1000 * x:.0f} ms"
 
 
+def times(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x:.2f}x"
+
+
+def cpu(ph: dict[str, Any]) -> str:
+    return (f"{ph['server_front_cpu_s']:.0f} + {ph['server_engine_cpu_s']:.0f} / "
+            f"{ph['bench_cpu_s']:.0f}")
+
+
 def counts(labels: list[str]) -> str:
     return ", ".join(f"{k} x{n}" for k, n in sorted(Counter(labels).items())) or "-"
 
@@ -66,19 +75,21 @@ def summary(res: dict[str, Any]) -> tuple[str, list[str]]:
         return f"{f['ok']} / " + (counts(list(Counter(f["failed"]).elements())) or "0")
 
     rows = [
-        ["normal client p50", secs(b["p50"]), secs(a["p50"]), f"{ratio50:.2f}x",
+        ["normal client p50", secs(b["p50"]), secs(a["p50"]), times(ratio50),
          f"<= {P50_TARGET}x"],
-        ["normal client p99", secs(b["p99"]), secs(a["p99"]), f"{ratio99:.2f}x", "-"],
+        ["normal client p99", secs(b["p99"]), secs(a["p99"]), times(ratio99), "-"],
         ["normal requests ok / failed", failed(b), failed(a), "", "none failed"],
         ["longest /health", secs(b["health_max"]), secs(a["health_max"]), "",
          f"< {HEALTH_TARGET:.0f} s"],
         ["/health polls not 200", f"{b['health_bad']} of {b['health_polls']}",
          f"{a['health_bad']} of {a['health_polls']}", "", "0"],
         ["server peak RSS (process tree)", mib("baseline"), mib("attack"), "", "-"],
+        ["CPU s: server front-end + engine / benchmark",
+         cpu(res["baseline"]), cpu(res["attack"]), "", "-"],
     ]
     misses = []
     if not ratio50 <= P50_TARGET:
-        misses.append(f"normal p50 under attack is {ratio50:.2f}x the baseline")
+        misses.append(f"normal p50 under attack is {times(ratio50)} the baseline")
     if not a["health_max"] < HEALTH_TARGET:
         misses.append(f"longest /health under attack {secs(a['health_max'])}")
     if a["failed"] or b["failed"]:
@@ -103,7 +114,7 @@ def attack_tables(res: dict[str, Any]) -> tuple[str, str, list[str]]:
             f"`{params.most_common(1)[0][0]}`" if params else "-"])
         if bad:
             misses.append(f"{kind}: {counts(bad)} (expected {', '.join(expect)})")
-        elif not outs:
+        elif not outs and not res["server_died"]:
             misses.append(f"{kind}: never sent (the phase ended first)")
     group_rows = []
     for group, pairs in by_group.items():
