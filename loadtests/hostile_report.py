@@ -55,7 +55,9 @@ def counts(labels: list[str]) -> str:
 def phase_facts(ph: dict[str, Any]) -> dict[str, Any]:
     ok = [r["latency"] for r in ph["normal"] if r["label"] == "ok"]
     health = [r["latency"] for r in ph["health"]]
+    ttft = [r["ttft"] for r in ph["normal"] if r["label"] == "ok" and r["ttft"] is not None]
     return {"p50": statistics.median(ok) if ok else math.nan, "p99": pct(ok, 99),
+            "ttft50": statistics.median(ttft) if ttft else math.nan,
             "ok": len(ok), "failed": Counter(r["label"] for r in ph["normal"]
                                              if r["label"] != "ok"),
             "health_max": max(health, default=math.nan),
@@ -72,12 +74,15 @@ def summary(res: dict[str, Any]) -> tuple[str, list[str]]:
         return f"{rss[phase]:.0f} MiB" if phase in rss else "-"
 
     def failed(f: dict[str, Any]) -> str:
-        return f"{f['ok']} / " + (counts(list(Counter(f["failed"]).elements())) or "0")
+        return f"{f['ok']} / " + (counts(list(Counter(f["failed"]).elements()))
+                                  if f["failed"] else "0")
 
     rows = [
         ["normal client p50", secs(b["p50"]), secs(a["p50"]), times(ratio50),
          f"<= {P50_TARGET}x"],
         ["normal client p99", secs(b["p99"]), secs(a["p99"]), times(ratio99), "-"],
+        ["normal client time to first token, p50", secs(b["ttft50"]), secs(a["ttft50"]),
+         times(a["ttft50"] / b["ttft50"]), "-"],
         ["normal requests ok / failed", failed(b), failed(a), "", "none failed"],
         ["longest /health", secs(b["health_max"]), secs(a["health_max"]), "",
          f"< {HEALTH_TARGET:.0f} s"],
