@@ -153,8 +153,12 @@ async def watchdog(run: Run) -> None:
             run.died = {"phase": run.phase, "returncode": proc.returncode}
             run.dead.set()
             return
-        rss = await asyncio.to_thread(run.server.rss)
-        run.peak_rss[run.phase] = max(run.peak_rss.get(run.phase, 0), rss)
+        procs = await asyncio.to_thread(run.server.rss_by_process)
+        rss = sum(r for _, _, r in procs)
+        if rss > run.peak_rss.get(run.phase, 0):
+            run.peak_rss[run.phase] = rss
+            run.peak_procs[run.phase] = [{"pid": pid, "name": name, "rss_mib": r / 2**20}
+                                         for pid, name, r in procs]
         # subtle: the machine's free memory counts too, so that the kernel's OOM killer never
         # has to pick a victim (it may pick something other than the server).
         low = psutil.virtual_memory().available < run.args.min_free_gib * 2**30
@@ -348,7 +352,9 @@ def main() -> int:
         "canary_contacts": run.contacts, "server_died": run.died,
         "memory_guard_gib": run.guard_fired_gib,
         "peak_rss_mib": {k: v / 2**20 for k, v in run.peak_rss.items()},
-        "peak_rss_mib_total": server.peak_rss / 2**20 if server else None,
+        "peak_rss_processes": run.peak_procs,
+        "peak_rss_mib_total": (max(server.peak_rss, *run.peak_rss.values()) / 2**20
+                               if server else None),
         "args": vars(args), "machine": machine(), "elapsed_s": time.monotonic() - t0,
     }
     RESULTS.write_text(json.dumps(results, indent=2))

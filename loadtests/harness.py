@@ -93,13 +93,17 @@ class Server:
                 secs.append(sum(p.cpu_times()[:2]))
         return (secs[0], sum(secs[1:])) if secs else (0.0, 0.0)
 
-    def rss(self) -> int:
-        """Resident memory of the whole process tree now, in bytes."""
-        total = 0
+    def rss_by_process(self) -> list[tuple[int, str, int]]:
+        """(pid, name, resident bytes) of every process in the tree now."""
+        out = []
         for p in self.tree():
             with contextlib.suppress(psutil.Error):
-                total += p.memory_info().rss
-        return total
+                out.append((p.pid, p.name(), p.memory_info().rss))
+        return out
+
+    def rss(self) -> int:
+        """Resident memory of the whole process tree now, in bytes."""
+        return sum(rss for _, _, rss in self.rss_by_process())
 
     def _sample(self) -> None:
         while not self._stop.wait(0.5):

@@ -56,7 +56,8 @@ class Run:
     outcomes: dict[str, list[Outcome]] = field(default_factory=dict)
     died: dict[str, Any] | None = None
     guard_fired_gib: float | None = None
-    peak_rss: dict[str, int] = field(default_factory=dict)
+    peak_rss: dict[str, int] = field(default_factory=dict)  # phase -> bytes, every 0.25 s
+    peak_procs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # at that peak
     phase: str = "warm-up"
     phase_end: float = 0.0
     stop: asyncio.Event = field(default_factory=asyncio.Event)  # the phase is over
@@ -185,17 +186,21 @@ async def stall_once(run: Run, http: httpx.AsyncClient, body: bytes) -> Outcome:
         if r.status_code != 200:
             return Outcome(str(r.status_code), time.perf_counter() - t0)
         await asyncio.sleep(run.args.stall)
-        tail = b""
+        tail, size = b"", 0
         try:
             async with asyncio.timeout(10):
                 async for piece in r.aiter_raw():
-                    tail = (tail + piece)[-4096:]
+                    tail, size = (tail + piece)[-4096:], size + len(piece)
         except TimeoutError:
-            return Outcome(STALL_OPEN, time.perf_counter() - t0)
+            return Outcome(STALL_OPEN, time.perf_counter() - t0,
+                           detail=f"{size} bytes read in 10 s after the stall")
         except (httpx.HTTPError, OSError) as exc:
-            return Outcome(STALL_CUT, time.perf_counter() - t0, detail=repr(exc)[:200])
+            return Outcome(STALL_CUT, time.perf_counter() - t0,
+                           detail=f"{size} bytes after the stall, then {exc!r}"[:200])
         done = b"[DONE]" in tail and b'"error"' not in tail
-        return Outcome(STALL_DONE if done else STALL_CUT, time.perf_counter() - t0)
+        # How much was still buffered says whether the stream outgrew the socket buffers.
+        return Outcome(STALL_DONE if done else STALL_CUT, time.perf_counter() - t0,
+                       detail=f"{size} bytes after the stall")
     finally:
         await r.aclose()
 
