@@ -4,6 +4,8 @@ vLLM runs its engine core and workers in processes of their own, so a fix made i
 process would not reach them. This module is a vLLM *general plugin* (entry point group
 `vllm.general_plugins`, name `steer_fixes`, see pyproject.toml), which vLLM loads in every
 process it starts. `apply()` is idempotent and does nothing when vLLM is not installed.
+It also starts the watchdog that ends the process when the Steer server is gone
+(`steer.engine.lifeline`), since this is the one hook Steer has in those processes.
 
 The fixes:
 
@@ -36,6 +38,8 @@ from types import ModuleType
 
 import torch
 
+from steer.engine import lifeline
+
 logger = logging.getLogger(__name__)
 
 PLUGIN_GROUP, PLUGIN_NAME = "vllm.general_plugins", "steer_fixes"
@@ -52,7 +56,9 @@ def registered() -> bool:
 
 
 def apply() -> None:
-    """vLLM's plugin hook: patch the modules that hold the buggy functions."""
+    """vLLM's plugin hook: tie this process's life to the server's (see `lifeline`), then
+    patch the modules that hold the buggy functions."""
+    lifeline.watch_server()
     try:
         ops = importlib.import_module("vllm.lora.ops.torch_ops.lora_ops")
     except ImportError:
