@@ -183,6 +183,12 @@ async def test_reference_loops_fail_the_candidate(schema: dict[str, Any]) -> Non
     assert value == 0.0 and detail
 
 
+async def test_format_is_not_evaluated() -> None:
+    # `format: regex` would compile the candidate's string with `re`; no format checker runs.
+    assert await scores("json_schema", ['"(a)\\1("'], schema={"format": "regex"}) == [
+        (1.0, "")]
+
+
 async def test_deeply_nested_candidate_json_fails_cleanly() -> None:
     [(value, _)] = await scores("json_schema", ["[" * 100_000], schema={"type": "array"})
     assert value == 0.0
