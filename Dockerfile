@@ -5,6 +5,9 @@
 # torch 2.13.0+cpu is not on PyPI proper: point PIP_EXTRA_INDEX_URL (or PIP_FIND_LINKS) at
 # PyTorch's CPU wheel index or a local wheel mirror for the CPU build.
 # The default model is converted at build time, so the container never downloads weights.
+# It runs as the unprivileged user `steer`, which owns only the cache (converted model,
+# adapters); the code and the virtualenv stay root's and read-only to it. It binds 0.0.0.0
+# so the port can be published: set STEER_API_KEY (steer warns loudly when it is unset).
 ARG BASE=python:3.11-slim-bookworm
 FROM ${BASE}
 
@@ -27,14 +30,21 @@ RUN apt-get update \
        libtcmalloc-minimal4 \
     && rm -rf /var/lib/apt/lists/*
 
+# A fixed uid above the base images' own users (ubuntu's is 1000), for volume permissions.
+RUN useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin steer
+
 WORKDIR /opt/steer
 COPY pyproject.toml README.md Makefile ./
 COPY requirements ./requirements
 COPY scripts ./scripts
 COPY steer ./steer
-RUN bash scripts/install.sh && .venv/bin/steer models prepare
+RUN bash scripts/install.sh && .venv/bin/steer models prepare \
+    && mkdir -p "${STEER_CACHE_DIR}/adapters" \
+    && chown -R steer:steer "${STEER_CACHE_DIR}"
 
-ENV PATH=/opt/steer/.venv/bin:$PATH
+ENV PATH=/opt/steer/.venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1
+USER steer
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s CMD \
     python3 -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health').status != 200)"

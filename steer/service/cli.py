@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import signal
 import sys
@@ -82,6 +83,30 @@ def resolve_model(settings: Settings) -> str:
     return str(prepare_default_model(settings.cache_dir, progress=print))
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable from this machine only: 127.0.0.0/8, ::1, localhost."""
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+def warn_if_exposed(settings: Settings) -> None:
+    """A loud warning when the server listens beyond this machine with no API key: anyone
+    who can reach the port can spend its model (the Docker image binds 0.0.0.0)."""
+    if settings.api_key is None and not is_loopback(settings.host):
+        logger.warning(
+            "!!! steer is listening on %s with NO API KEY: anyone who can reach this port can "
+            "use the model. Set STEER_API_KEY, or bind 127.0.0.1 (--host). !!!", settings.host
+        )
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn, but SIGTERM first drains: new requests get 503, in-flight ones may finish
     within the drain timeout, then the server exits with status 0. A second signal forces."""
@@ -134,6 +159,7 @@ def serve(settings: Settings) -> int:
         print(f"steer: --lora: {exc}", file=sys.stderr)
         return 2
     app = create_app(settings, engine, adapters)
+    warn_if_exposed(settings)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
         timeout_graceful_shutdown=5, access_log=False,

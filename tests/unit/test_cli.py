@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
-from steer.service.cli import build_parser, engine_config
+from steer.service.cli import build_parser, engine_config, warn_if_exposed
 from steer.service.settings import Settings
 
 
@@ -44,3 +46,27 @@ def test_served_name_defaults() -> None:
     assert Settings(model="/models/Qwen2-0.5B/").model_name() == "Qwen2-0.5B"
     cfg = engine_config(Settings(served_model_name="x", max_model_len=1024), "/m")
     assert (cfg.model, cfg.served_model_name, cfg.max_model_len) == ("/m", "x", 1024)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.20", "steer.example.com"])
+def test_binding_beyond_loopback_without_a_key_warns(
+    host: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="steer"):
+        warn_if_exposed(Settings(host=host, api_key=None))
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert host in record.getMessage() and "STEER_API_KEY" in record.getMessage()
+
+
+@pytest.mark.parametrize(
+    ("host", "key"),
+    [("127.0.0.1", None), ("127.0.1.1", None), ("::1", None), ("localhost", None),
+     ("0.0.0.0", "k")],
+)
+def test_loopback_or_a_key_does_not_warn(
+    host: str, key: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="steer"):
+        warn_if_exposed(Settings(host=host, api_key=key))
+    assert caplog.records == []
