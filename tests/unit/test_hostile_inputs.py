@@ -185,8 +185,8 @@ async def test_reference_loops_fail_the_candidate(schema: dict[str, Any]) -> Non
 
 async def test_format_is_not_evaluated() -> None:
     # `format: regex` would compile the candidate's string with `re`; no format checker runs.
-    assert await scores("json_schema", ['"(a)\\1("'], schema={"format": "regex"}) == [
-        (1.0, "")]
+    not_a_regex = json.dumps(r"(a)\1(")
+    assert await scores("json_schema", [not_a_regex], schema={"format": "regex"}) == [(1.0, "")]
 
 
 async def test_deeply_nested_candidate_json_fails_cleanly() -> None:
