@@ -8,9 +8,10 @@ hostile_attacks.py): ReDoS patterns (regex critic, `extract: "regex"`, the JSON-
 contacted) and to file:///etc/passwd, huge integers (n 10^9, agents 10^9, budgets 10^18, a
 5,000-digit number), huge lists (100,000 prompts, messages, content parts, stop strings,
 personas, few-shot examples; 1,000 prompts x n 16), huge bodies (20 MB with and without
-Content-Length, JSON nested 100,000 deep), slow readers (streams whose reader takes the headers,
-then stops reading for --stall seconds with a 4 KB receive buffer; 8 long requests dropped
-before the response every 2 s) and a flood of best_of_n n=16 x max_tokens 4096 streams (an
+Content-Length, JSON nested 100,000 deep), slow readers (4096-token streams with 20 top
+logprobs a token, so that they outgrow the socket buffers, whose reader takes the headers, then
+stops reading for --stall seconds with a 4 KB receive buffer; 8 long requests dropped before
+the response every 2 s) and a flood of best_of_n n=16 x max_tokens 4096 streams (an
 admitted one is read to the end of the phase). --attackers workers share one cycle through the
 body-borne kinds, reshuffled every round (--gap seconds between one worker's requests);
 --slow-readers and --flood-workers run beside them (a flood worker that gets a 429 waits
@@ -290,9 +291,12 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_server_args(p, request_timeout=30)
     p.add_argument("--seconds", type=float, help="length of each phase [150; --quick 20]")
-    p.add_argument("--quick", action="store_true", help="smoke run: 20 s phases, 5 s stalls")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 20 s phases, 5 s stalls, 6 attackers")
     p.add_argument("--max-tokens", type=int, default=32, help="the normal client's")
-    p.add_argument("--attackers", type=int, default=3)
+    p.add_argument("--attackers", type=int,
+                   help="workers sending the body-borne attacks [3; --quick 6, so that a short "
+                   "phase reaches most kinds]")
     p.add_argument("--slow-readers", type=int, default=4)
     p.add_argument("--flood-workers", type=int, default=4)
     p.add_argument("--stall", type=float, help="seconds a slow reader stops reading [60; 5]")
@@ -317,6 +321,8 @@ def parse_args() -> argparse.Namespace:
         p.error(f"unknown attack groups {sorted(unknown)}; known: {', '.join(GROUPS)}")
     if args.seconds is None:
         args.seconds = 20 if args.quick else 150
+    if args.attackers is None:
+        args.attackers = 6 if args.quick else 3
     if args.stall is None:
         args.stall = 5 if args.quick else 60
     return args
@@ -353,7 +359,7 @@ def main() -> int:
         "memory_guard_gib": run.guard_fired_gib,
         "peak_rss_mib": {k: v / 2**20 for k, v in run.peak_rss.items()},
         "peak_rss_processes": run.peak_procs,
-        "peak_rss_mib_total": (max(server.peak_rss, *run.peak_rss.values()) / 2**20
+        "peak_rss_mib_total": (max([server.peak_rss, *run.peak_rss.values()]) / 2**20
                                if server else None),
         "args": vars(args), "machine": machine(), "elapsed_s": time.monotonic() - t0,
     }

@@ -91,10 +91,13 @@ def flood_body() -> bytes:
                       steering={"strategy": "best_of_n", "options": {"n": 16}}))
 
 
-def long_stream_body() -> bytes:
-    """A plain stream that runs long (a slow reader's request, or one dropped unread)."""
+def long_stream_body(top_logprobs: int = 0) -> bytes:
+    """A plain stream that runs long (one dropped unread, or a slow reader's, which asks for
+    20 alternatives per token: ~2 KB a chunk, so the stream soon outgrows the socket buffers
+    and the server's sends block)."""
+    extra = {"logprobs": True, "top_logprobs": top_logprobs} if top_logprobs else {}
     return dumps(chat("Count from 1 to 5000, one number per line.", 4096, stream=True,
-                      temperature=0))
+                      temperature=0, **extra))
 
 
 # The kinds bench_hostile runs itself: name -> (group, expected outcomes). A stalled reader's

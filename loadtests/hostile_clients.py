@@ -164,7 +164,7 @@ async def drop_unread(run: Run, body: bytes) -> Outcome:
 async def slow_reader(run: Run) -> None:
     """Streams that stop being read (4 KB receive buffer): does the server cut them?"""
     small = [(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)]
-    body = long_stream_body()
+    body = long_stream_body(top_logprobs=20)
     for _ in range(MAX_PER_WORKER):
         if run.stop.is_set() or time.monotonic() + run.args.stall + 5 > run.phase_end:
             return
