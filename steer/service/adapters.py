@@ -84,7 +84,8 @@ class RequestAdapters:
         return self.registry.names()
 
     def cards(self, base: str) -> list[ModelCard]:
-        return [ModelCard(id=a.ref.name, created=a.created, root=a.ref.path, parent=base)
+        # `root` is the adapter's name, not vLLM's path: clients get no server paths.
+        return [ModelCard(id=a.ref.name, created=a.created, root=a.ref.name, parent=base)
                 for a in self.registry.listing()]
 
 

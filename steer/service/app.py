@@ -143,7 +143,7 @@ def create_app(
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models() -> ModelList:
-        root = settings.model or engine.model_name
+        root = engine.model_name  # the served name: --model may be a path on this server
         return ModelList(data=[ModelCard(
             id=engine.model_name, created=0, root=root, max_model_len=engine.max_model_len
         ), *request_adapters.cards(engine.model_name)])
