@@ -121,6 +121,10 @@ class VllmEngine(Engine):
         return llm
 
     def _build(self) -> Any:
+        # The engine's processes end themselves if this server dies. subtle: exported before
+        # vLLM runs its plugins here (AsyncEngineArgs does), or this process would watch
+        # whatever server pid it inherited.
+        lifeline.export_server()
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -167,8 +171,6 @@ class VllmEngine(Engine):
             max_logprobs=MAX_LOGPROBS,
             **extra,
         )
-        # The engine's processes, started now, end themselves if this server dies.
-        lifeline.export_server()
         return AsyncLLM.from_engine_args(args)
 
     async def shutdown(self) -> None:
