@@ -132,6 +132,11 @@ class Engine(ABC):
     @abstractmethod
     def count_prompt_tokens(self, prompt: Prompt) -> int: ...
 
+    async def count_prompt_tokens_async(self, prompt: Prompt) -> int:
+        """The same count, for callers on the event loop: a backend whose tokenizing is slow
+        for long prompts does it off the loop."""
+        return self.count_prompt_tokens(prompt)
+
     async def load_adapter(self, adapter: AdapterRef) -> None:
         raise EngineRequestError("this engine does not support LoRA adapters")
 

@@ -72,6 +72,9 @@ class SequentialEngine(Engine):
     def count_prompt_tokens(self, prompt: Prompt) -> int:
         return self.inner.count_prompt_tokens(prompt)
 
+    async def count_prompt_tokens_async(self, prompt: Prompt) -> int:
+        return await self.inner.count_prompt_tokens_async(prompt)
+
     async def load_adapter(self, adapter: AdapterRef) -> None:
         await self.inner.load_adapter(adapter)
 

@@ -25,6 +25,7 @@ from steer.engine.base import (
     InvalidAdapter,
     PromptTooLong,
 )
+from steer.engine.token_cache import TokenCache, prompt_key
 from steer.engine.types import (
     AdapterRef,
     Capabilities,
@@ -43,6 +44,7 @@ from steer.engine.types import (
 logger = logging.getLogger(__name__)
 
 MAX_LOGPROBS = 20
+OFF_LOOP_CHARS = 8192  # prompts this long are tokenized in a thread
 GREEDY_BELOW = 1e-5  # vLLM samples greedily below this temperature (_SAMPLING_EPS)
 
 
@@ -78,6 +80,7 @@ class VllmEngine(Engine):
         self._groups: dict[str, set[str]] = {}
         self._adapters: dict[int, AdapterRef] = {}
         self._closing = False
+        self._token_cache = TokenCache()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -202,6 +205,10 @@ class VllmEngine(Engine):
     # -- prompts ---------------------------------------------------------------------------
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        key, chars = prompt_key(prompt)
+        cached = self._token_cache.get(key)
+        if cached is not None:
+            return cached
         tok = self._tokenizer
         if isinstance(prompt, str):
             ids = tok.encode(prompt)
@@ -211,7 +218,24 @@ class VllmEngine(Engine):
             )
             # The template already placed every special token.
             ids = tok.encode(text, add_special_tokens=False)
-        return list(ids)
+        ids = list(ids)
+        self._token_cache.put(key, chars, ids)
+        return ids
+
+    async def _prompt_ids_off_loop(self, prompt: Prompt) -> list[int]:
+        """Token ids; a long prompt not seen before is tokenized in a thread, so tokenizing
+        100k characters (~1 s here) never holds the event loop (and /health)."""
+        key, chars = prompt_key(prompt)
+        cached = self._token_cache.get(key)
+        if cached is not None:
+            return cached
+        if chars < OFF_LOOP_CHARS:
+            return self._prompt_ids(prompt)
+        return await asyncio.to_thread(self._prompt_ids, prompt)
+
+    async def count_prompt_tokens_async(self, prompt: Prompt) -> int:
+        self._ready_llm()
+        return len(await self._prompt_ids_off_loop(prompt))
 
     def count_prompt_tokens(self, prompt: Prompt) -> int:
         self._ready_llm()
@@ -268,7 +292,8 @@ class VllmEngine(Engine):
         rid = request_id or uuid.uuid4().hex
         params, copies = _greedy_copies(params)
         prepared = []
-        for ids in (self._prompt_ids(p) for p in prompts):
+        for p in prompts:
+            ids = await self._prompt_ids_off_loop(p)
             prepared.append((ids, self._fit(ids, params.max_tokens)))
         lora = self._lora(adapter)
         sub_ids = [f"{rid}-{i}" for i in range(len(prompts))]
@@ -322,7 +347,7 @@ class VllmEngine(Engine):
 
         rid = request_id or uuid.uuid4().hex
         params, copies = _greedy_copies(params)
-        ids = self._prompt_ids(prompt)
+        ids = await self._prompt_ids_off_loop(prompt)
         max_tokens = self._fit(ids, params.max_tokens)
         completion_tokens = 0
         self._groups[rid] = {rid}

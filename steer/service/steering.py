@@ -112,7 +112,7 @@ class SteeredChat:
         params = self.serving.sampling(req, req.max_tokens_field(), None)
         messages = tuple(to_message(m.role, m.text()) for m in req.messages)
         engine = self.serving.engine
-        prompt_tokens = engine.count_prompt_tokens(messages)
+        prompt_tokens = await engine.count_prompt_tokens_async(messages)
         if prompt_tokens >= engine.max_model_len:
             raise from_search_error(PromptTooLong(prompt_tokens, None, engine.max_model_len))
         rid = new_id("steer")
