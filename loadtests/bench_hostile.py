@@ -226,9 +226,11 @@ async def phase(run: Run, name: str, hostile: bool) -> dict[str, Any]:
         if exc is not None:
             raise exc
     cpu1 = (own_cpu(), run.server.cpu() if run.server else (0.0, 0.0))
+    # subtle: a server that died mid-phase has no processes left to count (clamped at 0).
     return {"normal": normal, "health": health, "late_clients": len(late),
-            "bench_cpu_s": cpu1[0] - cpu0[0], "server_front_cpu_s": cpu1[1][0] - cpu0[1][0],
-            "server_engine_cpu_s": cpu1[1][1] - cpu0[1][1]}
+            "bench_cpu_s": cpu1[0] - cpu0[0],
+            "server_front_cpu_s": max(0.0, cpu1[1][0] - cpu0[1][0]),
+            "server_engine_cpu_s": max(0.0, cpu1[1][1] - cpu0[1][1])}
 
 
 def own_cpu() -> float:
