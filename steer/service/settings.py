@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     )
     max_prompts: int = Field(64, ge=1, description="prompts in one /v1/completions request")
     # Admission weighs work: tokens the engine may be asked to process (see admission.py).
-    max_inflight_tokens: int = Field(1_048_576, ge=1)
+    max_inflight_tokens: int = Field(262_144, ge=1)
     max_heavy_share: float = Field(
         0.75, gt=0, le=1, description="share of the work amplified requests may hold"
     )
