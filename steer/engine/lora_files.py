@@ -80,7 +80,7 @@ class ModelModules:
 
 
 def check_name(name: str) -> None:
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):  # subtle: `$` alone lets a trailing newline in
         raise InvalidAdapter(
             f"Invalid adapter name {name!r}: use 1-128 letters, digits and . _ : / + -, "
             "starting with a letter or digit.",

@@ -30,6 +30,7 @@ from steer.service.adapters import (
 from steer.service.admission import Admission
 from steer.service.errors import APIError, install_error_handlers
 from steer.service.metrics import Metrics, MetricsMiddleware
+from steer.service.openapi import document as openapi_document
 from steer.service.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -113,6 +114,7 @@ def create_app(
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(AdapterLeaseMiddleware)
     install_error_handlers(app)
+    app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
 
     def authorized(request: Request) -> None:
         if settings.api_key is None:

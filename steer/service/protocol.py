@@ -10,13 +10,26 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+_INT_FIELDS = (int, int | None)
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _whole_numbers(cls, data: Any) -> Any:
+        # JSON has one number type: 2.0 is the integer 2, as JSON Schema (and so the OpenAPI
+        # document) says; "2", 2.5 and true stay errors under strict validation.
+        if not isinstance(data, dict):
+            return data
+        ints = {name for name, f in cls.model_fields.items() if f.annotation in _INT_FIELDS}
+        return {k: int(v) if k in ints and isinstance(v, float) and v.is_integer() else v
+                for k, v in data.items()}
 
 
 # -- shared request pieces --------------------------------------------------------------------

@@ -152,7 +152,7 @@ def test_a_missing_root_refuses_everything(tmp_path: Path) -> None:
     assert reason(exc) == "adapter_root_missing"
 
 
-@pytest.mark.parametrize("name", ["", "-x", "a b", "x" * 129, "é", "a\nb"])
+@pytest.mark.parametrize("name", ["", "-x", "a b", "x" * 129, "é", "a\nb", "tone\n"])
 def test_bad_names_are_refused(name: str) -> None:
     with pytest.raises(InvalidAdapter) as exc:
         check_name(name)
