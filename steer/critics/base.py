@@ -58,6 +58,10 @@ class ModelCaller(Protocol):
         adapter: AdapterRef | None = None,
     ) -> list[Generation]: ...
 
+    def context_room(self, prompt: Prompt) -> int:
+        """Tokens left in the model's context after `prompt` (to fit quoted text)."""
+        ...
+
 
 @dataclass(frozen=True)
 class Question:

@@ -3,14 +3,19 @@
 Verdicts are read from the logprobs of a single generated token, never parsed from free
 text. Candidate text is untrusted: it goes inside randomized markers the candidate cannot
 know, and the prompt says the marked content is data, not instructions.
+
+A judge's prompt quotes the question and the candidates: long ones are shortened (head and
+tail) to fit the model's context, and a comparison that cannot fit even so is not asked (a
+neutral score, said in its detail) rather than failing the request.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from pydantic import Field
 
@@ -23,10 +28,29 @@ from steer.critics.base import (
     Score,
     register_critic,
 )
-from steer.engine import Generation, Message, SamplingParams
+from steer.critics.quoting import Cut, fit_prompt
+from steer.engine import AdapterRef, Generation, Message, Prompt, SamplingParams
 
 # One token, greedy, with the top 20 alternatives: enough to find the verdict tokens.
 VERDICT_PARAMS = SamplingParams(max_tokens=1, temperature=0.0, logprobs=20)
+NOT_FITTED = "did not fit the context: not judged"
+
+
+def whole(text: str) -> str:
+    """The cut that keeps everything."""
+    return text
+
+
+async def ask_fitted(
+    caller: ModelCaller, builders: Sequence[Callable[[Cut], Prompt]], adapter: AdapterRef | None
+) -> list[Generation | None]:
+    """One batched verdict call for every prompt that fits the context (quotes shortened
+    as needed); None in place of each that cannot fit at all."""
+    fitted = [fit_prompt(build, caller.context_room, 1) for build in builders]
+    asked = [p for p in fitted if p is not None]
+    gens = iter(await caller.generate(asked, VERDICT_PARAMS, role="critic", adapter=adapter)
+                if asked else [])
+    return [next(gens) if p is not None else None for p in fitted]
 
 
 def fence(text: str, label: str) -> tuple[str, str]:
@@ -80,10 +104,11 @@ class LLMJudge(Critic):
     def planned_calls(self, n_candidates: int) -> int:
         return n_candidates
 
-    def prompt(self, question: Question, candidate: str) -> list[Message]:
+    def prompt(self, question: Question, candidate: str, cut: Cut = whole) -> list[Message]:
+        """The verdict prompt; `cut` shortens what it quotes (to fit the context)."""
         opts = self.options
         assert isinstance(opts, LLMJudge.Options)
-        wrapped, marker = fence(candidate, "CANDIDATE")
+        wrapped, marker = fence(cut(candidate), "CANDIDATE")
         if opts.mode == "yes_no":
             ask = f"Is the candidate answer {opts.rubric}? Reply with one word: yes or no."
         else:
@@ -91,7 +116,8 @@ class LLMJudge(Critic):
                    "Reply with one number.")
         return [
             Message("system", "You are a strict, fair grader. " + data_warning([marker])),
-            Message("user", f"Question:\n{question.text}\n\nCandidate answer:\n{wrapped}\n\n{ask}"),
+            Message("user", f"Question:\n{cut(question.text)}\n\nCandidate answer:\n{wrapped}"
+                            f"\n\n{ask}"),
         ]
 
     async def score(
@@ -99,11 +125,14 @@ class LLMJudge(Critic):
     ) -> list[Score]:
         opts = self.options
         assert isinstance(opts, LLMJudge.Options)
-        prompts = [self.prompt(question, c.text) for c in candidates]
-        gens = await caller.generate(prompts, VERDICT_PARAMS, role="critic", adapter=self.adapter)
+        gens = await ask_fitted(caller, [
+            functools.partial(self.prompt, question, c.text) for c in candidates
+        ], self.adapter)
         scores = []
         for g in gens:
-            if opts.mode == "yes_no":
+            if g is None:
+                scores.append(Score(0.5, NOT_FITTED))
+            elif opts.mode == "yes_no":
                 yes, no = verdict_probabilities(g, ("yes", "no"))
                 value = yes / (yes + no) if yes + no > 0 else 0.5
                 scores.append(Score(value, f"P(yes)={yes:.3f} P(no)={no:.3f}"))
@@ -130,14 +159,16 @@ class PairwiseJudge(Critic):
     def planned_calls(self, n_candidates: int) -> int:
         return n_candidates * (n_candidates - 1)
 
-    def prompt(self, question: Question, a: str, b: str) -> list[Message]:
+    def prompt(self, question: Question, a: str, b: str, cut: Cut = whole) -> list[Message]:
+        """The comparison prompt; `cut` shortens what it quotes (to fit the context)."""
         opts = self.options
         assert isinstance(opts, PairwiseJudge.Options)
-        wa, ma = fence(a, "ANSWER-A")
-        wb, mb = fence(b, "ANSWER-B")
+        wa, ma = fence(cut(a), "ANSWER-A")
+        wb, mb = fence(cut(b), "ANSWER-B")
         return [
             Message("system", "You compare two answers fairly. " + data_warning([ma, mb])),
-            Message("user", f"Question:\n{question.text}\n\nAnswer A:\n{wa}\n\nAnswer B:\n{wb}"
+            Message("user", f"Question:\n{cut(question.text)}\n\nAnswer A:\n{wa}\n\n"
+                            f"Answer B:\n{wb}"
                             f"\n\nWhich answer is {opts.rubric}? Reply with one letter: A or B."),
         ]
 
@@ -148,16 +179,24 @@ class PairwiseJudge(Critic):
         if n < 2:
             return [Score(1.0, "no rival")] * n
         pairs = list(itertools.permutations(range(n), 2))
-        prompts = [self.prompt(question, candidates[i].text, candidates[j].text) for i, j in pairs]
-        gens = await caller.generate(prompts, VERDICT_PARAMS, role="critic", adapter=self.adapter)
+        gens = await ask_fitted(caller, [
+            functools.partial(self.prompt, question, candidates[i].text, candidates[j].text)
+            for i, j in pairs
+        ], self.adapter)
         wins = [0.0] * n
+        unasked = 0
         for (i, j), g in zip(pairs, gens, strict=True):
-            a, b = verdict_probabilities(g, ("a", "b"))
-            p_a = a / (a + b) if a + b > 0 else 0.5
+            if g is None:  # a comparison that cannot fit: a tie
+                unasked += 1
+                p_a = 0.5
+            else:
+                a, b = verdict_probabilities(g, ("a", "b"))
+                p_a = a / (a + b) if a + b > 0 else 0.5
             wins[i] += p_a
             wins[j] += 1 - p_a
         games = 2 * (n - 1)
-        return [Score(w / games, f"won {w:.2f} of {games} comparisons") for w in wins]
+        note = f"; {unasked} comparisons {NOT_FITTED}" if unasked else ""
+        return [Score(w / games, f"won {w:.2f} of {games} comparisons{note}") for w in wins]
 
 
 @register_critic

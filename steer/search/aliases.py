@@ -2,12 +2,14 @@
 
 - optillm: `"model": "<slug>-<model>"` or `"optillm_approach": "<slug>"`.
 - OpenAI: `reasoning_effort` low|medium|high picks a budget preset (and, when the request
-  names no strategy, a default strategy sized to it).
+  names no strategy, a default strategy sized to it). A preset never asks more than the
+  server allows: its fields are clamped to the caps, and the strategy does what fits.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 from steer.search.runner import SteeringSpec
@@ -66,10 +68,9 @@ def from_optillm(slug: str, param: str) -> SteeringSpec:
 
 
 def with_reasoning_effort(spec: SteeringSpec | None, effort: str) -> SteeringSpec:
+    """The preset's budget as defaults (the planner clamps them to the server's caps);
+    the client's own `steering.budget` fields stay as sent, and win."""
     budget, (strategy, options) = REASONING_EFFORT[effort]
     if spec is None:
-        return SteeringSpec(strategy=strategy, options=options, budget=budget)
-    return SteeringSpec(
-        strategy=spec.strategy, options=spec.options, critic=spec.critic,
-        budget={**budget, **(spec.budget or {})}, template=spec.template, trace=spec.trace,
-    )
+        return SteeringSpec(strategy=strategy, options=options, preset=budget)
+    return replace(spec, preset=budget)

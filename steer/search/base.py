@@ -11,20 +11,21 @@ tokens can stream straight to the client).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
 from steer.critics import Candidate, Critic, Question, Score, mean_logprob
-from steer.engine import AdapterRef, Generation, Message, SamplingParams
-from steer.search.session import Session
+from steer.critics.quoting import Cut
+from steer.engine import AdapterRef, Generation, Message, Prompt, SamplingParams
+from steer.search.session import BudgetExhausted, Limit, Session
 from steer.search.trace import Node, Trace
 
 
 class StrategyOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,32 @@ class Context:
     best: Node | None = None
     progress: list[dict[str, Any]] = field(default_factory=list)
     cache: dict[Any, Any] = field(default_factory=dict)
+    budget_cut: BudgetExhausted | None = None  # set when the run did less than asked
+
+    def cut(self, limit: Limit, what: str) -> None:
+        """Record that the budget made this run do less than its options asked."""
+        if self.budget_cut is None:
+            self.budget_cut = self.session.budget.exhausted(limit, what)
+            self.trace.info["budget_exhausted"] = str(self.budget_cut)
+
+    def affordable(self, wanted: int, cost: Callable[[int], int]) -> int:
+        """The largest k <= `wanted` whose `cost(k)` model calls fit what is left of the
+        budget (0 when none does); a smaller k marks the run as cut."""
+        left = self.session.calls_left
+        k = wanted
+        while k > 0 and cost(k) > left:
+            k -= 1
+        if k < wanted:
+            self.cut("max_model_calls", f"{self.session.model_calls} used, "
+                                        f"{self.session.budget.max_model_calls} allowed; "
+                                        f"did {k} of {wanted}")
+        return k
+
+    def fit(self, build: Callable[[Cut], Prompt], max_tokens: int | None) -> Prompt | None:
+        """One of the strategy's own prompts, its quotes (`build` passes each through the
+        cut it gets) shortened to leave room for an answer of `max_tokens`; None when it
+        cannot fit at all (the caller drops that call or stops)."""
+        return self.session.fit(build, self.session.answer_room(max_tokens))
 
     @property
     def question(self) -> Question:
@@ -129,7 +156,12 @@ class Strategy(ABC):
         self.critic = critic
 
     def planned_calls(self) -> int:
-        """An upper bound on the model calls one run makes (amplification check)."""
+        """An upper bound on the model calls one run makes (what admission may weigh; the
+        budget, not this bound, is what holds at run time)."""
+        return 1
+
+    def min_calls(self) -> int:
+        """The model calls the smallest useful run makes; a budget below it is refused."""
         return 1
 
     def check(self) -> None:  # noqa: B027 - optional hook, most strategies need none

@@ -1,19 +1,24 @@
 """Turns a validated steering spec into a plan, and runs plans within their budgets.
 
 `Steerer.plan()` checks everything before the first model call: the strategy, its options,
-the critic, the template, the budget against the server's caps, and the amplification bound
-(`planned_calls`). `run()` returns a `SteerResult`; `stream()` yields progress events, then
-the answer as `StreamDelta`s (real tokens when the strategy ends with a generation), then
-the `SteerResult`. When a budget runs out, the best answer so far is returned, marked.
+the critic, the template, and the budget: the client's against the server's caps (a preset
+is clamped to them), and the least one useful run needs (`min_calls`). The effective budget
+(the request's, else the preset's, within the server's caps) is what holds at run time, so a
+strategy's worst case (`planned_calls`) is no reason to refuse. `run()` returns a
+`SteerResult`; `stream()` yields progress events, then the answer as `StreamDelta`s (real
+tokens when the strategy ends with a generation), then the `SteerResult`. When a budget runs
+out, the best answer so far is returned, marked; with no answer at all, `BudgetExhausted`
+says which limit ran out and whose it was.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import re
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -28,7 +33,7 @@ from steer.search.base import (
     SteerResult,
     Strategy,
 )
-from steer.search.session import Budget, BudgetExhausted, Session, SteeringInvalid
+from steer.search.session import Budget, BudgetExhausted, Limit, Session, SteeringInvalid
 from steer.search.strategies.basic import TemplateStrategy
 from steer.search.templates import PromptTemplate, TemplateLibrary
 from steer.search.trace import Node, Trace
@@ -46,6 +51,9 @@ class SteeringSpec:
     budget: Mapping[str, Any] | None = None
     template: Mapping[str, Any] | None = None
     trace: bool = False
+    # Budget defaults the client chose by name (reasoning_effort), not field by field:
+    # clamped to the server's caps, and under any explicit `budget` field.
+    preset: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -58,16 +66,20 @@ class Limits:
 
 
 class _BudgetFields(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    max_model_calls: int | None = Field(None, ge=1)
-    max_total_tokens: int | None = Field(None, ge=1)
-    timeout_s: float | None = Field(None, gt=0)
+    # Bounded here, before the caps are compared, so no absurd value is carried further.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    max_model_calls: int | None = Field(None, ge=1, le=1_000_000)
+    max_total_tokens: int | None = Field(None, ge=1, le=1_000_000_000)
+    timeout_s: float | None = Field(None, gt=0, le=86_400)
 
 
 class _TemplateFields(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    name: str
-    variables: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field(max_length=128)
+    variables: dict[str, Any] = Field(default_factory=dict, max_length=64)
+
+
+LIMITS: tuple[Limit, ...] = get_args(Limit)
 
 
 @dataclass(frozen=True)
@@ -84,10 +96,24 @@ class Plan:
     trace: bool
     adapters: Mapping[str, AdapterRef] = field(default_factory=dict)
 
+    def planned_calls(self) -> int:
+        """The most model calls this plan can make: the strategy's worst case, within the
+        budget (what admission may weigh before the first call)."""
+        return min(self.strategy.planned_calls(), self.budget.max_model_calls)
+
+
+_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_UNION_TAGS = frozenset({"int", "float", "str", "bool", "list", "dict", "none"})
+
 
 def _invalid(exc: ValidationError, prefix: str) -> SteeringInvalid:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
+    errors = exc.errors()
+    # With a union (debate's `agents`: a count or a list) pydantic reports every member;
+    # the member whose type matched has the error worth showing.
+    err = next((e for e in errors if not e["type"].endswith("_type")), errors[0])
+    parts = [str(p) for p in err["loc"]
+             if isinstance(p, int) or (_FIELD.match(p) and p not in _UNION_TAGS)]
+    loc = ".".join(parts)
     param = f"{prefix}.{loc}" if loc else prefix
     what = "unknown option" if err["type"] == "extra_forbidden" else err["msg"]
     return SteeringInvalid(f"{param}: {what}", param)
@@ -119,12 +145,15 @@ class Steerer:
         critic = self._critic(spec.critic, cls.default_critic)
         strategy = cls(options, critic)
         strategy.check()
-        budget = self._budget(spec.budget)
-        planned = strategy.planned_calls()
-        if planned > self.limits.max_model_calls:
+        budget = self._budget(spec.budget, spec.preset)
+        least = strategy.min_calls()
+        if least > budget.max_model_calls:
+            own = budget.source("max_model_calls") == "request"
             raise SteeringInvalid(
-                f"this strategy would make up to {planned} model calls; the server allows "
-                f"{self.limits.max_model_calls} per request", "steering.options",
+                f"this strategy needs at least {least} model calls for one useful run; "
+                f"{budget.max_model_calls} allowed"
+                + ("" if own else " by the server (ask for less)"),
+                "steering.budget.max_model_calls" if own else "steering.options",
             )
         template = None
         if isinstance(options, TemplateStrategy.Options):
@@ -173,24 +202,33 @@ class Steerer:
             raise _invalid(exc, "steering.critic") from exc
         return cls(options, adapter)
 
-    def _budget(self, raw: Mapping[str, Any] | None) -> Budget:
+    def _budget(self, raw: Mapping[str, Any] | None, preset: Mapping[str, Any] | None,
+                ) -> Budget:
         try:
             fields = _BudgetFields.model_validate(dict(raw or {}))
         except ValidationError as exc:
             raise _invalid(exc, "steering.budget") from exc
-        caps = self.limits
-        for name in ("max_model_calls", "max_total_tokens", "timeout_s"):
-            asked, cap = getattr(fields, name), getattr(caps, name)
-            if asked is not None and asked > cap:
-                raise SteeringInvalid(
-                    f"steering.budget.{name} may be at most {cap} on this server",
-                    f"steering.budget.{name}",
-                )
-        return Budget(
-            max_model_calls=fields.max_model_calls or caps.max_model_calls,
-            max_total_tokens=fields.max_total_tokens or caps.max_total_tokens,
-            timeout_s=fields.timeout_s or caps.timeout_s,
-        )
+        defaults = _BudgetFields.model_validate(dict(preset or {}))  # ours: always valid
+        values: dict[str, Any] = {}
+        requested, preset_set = set(), set()
+        for name in LIMITS:
+            asked, cap = getattr(fields, name), getattr(self.limits, name)
+            if asked is not None:
+                if asked > cap:
+                    raise SteeringInvalid(
+                        f"steering.budget.{name} may be at most {cap} on this server",
+                        f"steering.budget.{name}",
+                    )
+                values[name] = asked
+                requested.add(name)
+                continue
+            default = getattr(defaults, name)
+            if default is not None and default < cap:
+                values[name] = default
+                preset_set.add(name)
+            else:  # no preset, or one above what this server allows: the server's cap
+                values[name] = cap
+        return Budget(**values, requested=frozenset(requested), preset=frozenset(preset_set))
 
     # -- running ---------------------------------------------------------------------------
 
@@ -210,12 +248,15 @@ class Steerer:
 
     async def _search(self, plan: Plan, ctx: Context) -> tuple[Final, bool]:
         try:
-            async with asyncio.timeout(plan.budget.timeout_s):
-                return await plan.strategy.run(ctx), False
-        except (BudgetExhausted, TimeoutError) as exc:
-            reason = str(exc) or "timeout_s"
-            ctx.trace.info["budget_exhausted"] = reason
-            return FinalText(_best_so_far(ctx, reason)), True
+            try:
+                async with asyncio.timeout(plan.budget.timeout_s):
+                    final = await plan.strategy.run(ctx)
+            except TimeoutError as exc:
+                raise plan.budget.timed_out(ctx.session.elapsed()) from exc
+        except BudgetExhausted as exc:
+            ctx.trace.info["budget_exhausted"] = str(exc)
+            return FinalText(_best_so_far(ctx, exc)), True
+        return final, ctx.budget_cut is not None
 
     def _result(self, ctx: Context, text: str, finish: str, exhausted: bool) -> SteerResult:
         s = ctx.session
@@ -279,21 +320,24 @@ class Steerer:
     ) -> AsyncGenerator[StreamDelta | SteerResult, None]:
         """The last generation: streamed token by token, within what is left of the budget."""
         left = plan.budget.timeout_s - ctx.session.elapsed()
-        text, finish, exhausted = "", "stop", False
+        text, finish, exhausted = "", "stop", ctx.budget_cut is not None
         try:
-            async with asyncio.timeout(max(left, 0.001)):
-                async for item in ctx.session.stream(final.messages, final.params):
-                    if isinstance(item, StreamEnd):
-                        continue
-                    text += item.text
-                    if item.finish_reason:
-                        finish = item.finish_reason
-                    if stream_final:
-                        yield item
-        except (BudgetExhausted, TimeoutError) as exc:
-            ctx.trace.info["budget_exhausted"] = str(exc) or "timeout_s"
+            try:
+                async with asyncio.timeout(max(left, 0.001)):
+                    async for item in ctx.session.stream(final.messages, final.params):
+                        if isinstance(item, StreamEnd):
+                            continue
+                        text += item.text
+                        if item.finish_reason:
+                            finish = item.finish_reason
+                        if stream_final:
+                            yield item
+            except TimeoutError as exc:
+                raise plan.budget.timed_out(ctx.session.elapsed()) from exc
+        except BudgetExhausted as exc:
+            ctx.trace.info["budget_exhausted"] = str(exc)
             if not text:
-                best = _best_so_far(ctx, str(exc) or "timeout_s")
+                best = _best_so_far(ctx, exc)
                 text = best.text
                 if stream_final:
                     yield StreamDelta(index=0, text=text, new_tokens=0)
@@ -320,12 +364,13 @@ class _QueueList(list[dict[str, Any]]):
 NOT_ANSWERS = frozenset({"critic", "root", "unparsed"})
 
 
-def _best_so_far(ctx: Context, reason: str) -> Node:
+def _best_so_far(ctx: Context, exc: BudgetExhausted) -> Node:
     if ctx.best is not None:
         return ctx.best
     answers = [n for n in ctx.trace.candidates() if n.role not in NOT_ANSWERS]
     if not answers:
-        raise BudgetExhausted(f"the budget ran out before any answer ({reason})")
+        raise BudgetExhausted(f"the budget ran out before any answer: {exc}", exc.limit,
+                              exc.source) from exc
     mean = [(n.meta.get("mean_logprob") or -math.inf, n) for n in answers]
     return max(mean, key=lambda pair: pair[0])[1]
 

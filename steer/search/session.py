@@ -1,23 +1,28 @@
 """One steered request's view of the engine: every call counted, budgets enforced, all
 in-flight calls abortable together.
 
-`Session.generate` is the only way strategies and critics reach the engine. Before a call
-it checks the call budget and clamps `max_tokens` so the token budget can never be passed;
-after it, it adds the call's tokens to the request's usage.
+`Session.generate` and `Session.stream` are the only ways strategies and critics reach the
+engine. Before a call, the session reserves its sequences and its tokens (the prompt plus
+`max_tokens` per sequence, clamped to what is left), so calls in flight together can never
+pass the budget between them; afterwards it releases the reservation and adds what the call
+really used. A stream cut off midway still counts its prompt and every token it streamed.
 
 Exception tree (see also `steer.search.base`):
 
     SearchError
-    ├── BudgetExhausted     a call would pass max_model_calls or max_total_tokens
+    ├── BudgetExhausted     a limit ran out (`limit`: which one; `source`: whose it was)
     └── SteeringInvalid     the steering spec is wrong (carries the offending `param`)
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
 
+from steer.critics.quoting import Cut, fit_prompt
 from steer.engine import (
     AdapterRef,
     Engine,
@@ -28,13 +33,23 @@ from steer.engine import (
     StreamEnd,
 )
 
+Limit = Literal["max_model_calls", "max_total_tokens", "timeout_s"]
+# Who set the limit that ran out: the client's steering.budget, the reasoning_effort preset,
+# or the server's own cap (a field the client never set, or a preset clamped to the cap).
+Source = Literal["request", "preset", "server"]
+_WHOSE = {"request": "the request's budget", "preset": "the reasoning_effort preset",
+          "server": "the server's cap"}
+
 
 class SearchError(Exception):
     pass
 
 
 class BudgetExhausted(SearchError):
-    pass
+    def __init__(self, message: str, limit: Limit, source: Source) -> None:
+        super().__init__(message)
+        self.limit: Limit = limit
+        self.source: Source = source
 
 
 class SteeringInvalid(SearchError):
@@ -45,9 +60,27 @@ class SteeringInvalid(SearchError):
 
 @dataclass(frozen=True)
 class Budget:
+    """A request's effective limits, and which of them the request (or a preset) set."""
+
     max_model_calls: int
     max_total_tokens: int
     timeout_s: float
+    requested: frozenset[str] = field(default_factory=frozenset)
+    preset: frozenset[str] = field(default_factory=frozenset)
+
+    def source(self, limit: Limit) -> Source:
+        if limit in self.requested:
+            return "request"
+        return "preset" if limit in self.preset else "server"
+
+    def exhausted(self, limit: Limit, what: str) -> BudgetExhausted:
+        """`BudgetExhausted` for `limit`, its message saying whose limit it was."""
+        source = self.source(limit)
+        return BudgetExhausted(f"{limit}: {what} ({_WHOSE[source]})", limit, source)
+
+    def timed_out(self, elapsed: float) -> BudgetExhausted:
+        return self.exhausted("timeout_s", f"{self.timeout_s:g} s allowed, ran out after "
+                                           f"{elapsed:.2f} s")
 
 
 class Session:
@@ -64,6 +97,7 @@ class Session:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.started = time.perf_counter()
+        self._reserved_tokens = 0  # held by calls in flight, beyond what they have counted
         self._next_call = 0
         self._inflight: set[str] = set()
 
@@ -71,29 +105,65 @@ class Session:
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
+    @property
+    def calls_left(self) -> int:
+        return self.budget.max_model_calls - self.model_calls
+
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
-    def _reserve(self, prompts: Sequence[Prompt], params: SamplingParams) -> SamplingParams:
+    # -- prompts and the context window --------------------------------------------------------
+
+    def count_tokens(self, prompt: Prompt) -> int:
+        """Tokens `prompt` takes (chat template included)."""
+        return self.engine.count_prompt_tokens(prompt)
+
+    def context_room(self, prompt: Prompt) -> int:
+        """Tokens left in the context window after `prompt`."""
+        return self.engine.max_model_len - self.count_tokens(prompt)
+
+    def answer_room(self, max_tokens: int | None) -> int:
+        """The room a prompt of Steer's own must leave for its answer: `max_tokens`, but
+        never more than a quarter of the context (quotes are cut to leave it)."""
+        quarter = max(1, self.engine.max_model_len // 4)
+        return quarter if max_tokens is None else max(1, min(max_tokens, quarter))
+
+    def fit(self, build: Callable[[Cut], Prompt], need: int) -> Prompt | None:
+        """`build(cut)` with its quotes shortened so `need` tokens are left for the answer;
+        None when even empty quotes leave too little (see `steer.critics.quoting`)."""
+        return fit_prompt(build, self.context_room, need)
+
+    # -- calls ---------------------------------------------------------------------------------
+
+    def _reserve(
+        self, prompts: Sequence[Prompt], params: SamplingParams
+    ) -> tuple[SamplingParams, int, list[int]]:
+        """Clamp `params` to the budget and hold its sequences and tokens; returns the
+        params, the tokens held and each prompt's length."""
         count = len(prompts) * params.n
-        if self.model_calls + count > self.budget.max_model_calls:
-            raise BudgetExhausted(
-                f"max_model_calls: {self.model_calls} used, {count} more needed, "
-                f"{self.budget.max_model_calls} allowed"
-            )
-        lengths = [self.engine.count_prompt_tokens(p) for p in prompts]
-        left = self.budget.max_total_tokens - self.total_tokens - sum(lengths)
+        if count > self.calls_left:
+            raise self.budget.exhausted("max_model_calls", (
+                f"{self.model_calls} used, {count} more needed, "
+                f"{self.budget.max_model_calls} allowed"))
+        lengths = [self.count_tokens(p) for p in prompts]
+        used = self.total_tokens + self._reserved_tokens
+        left = self.budget.max_total_tokens - used - sum(lengths)
         room = left // count
         if room < 1:
-            raise BudgetExhausted(
-                f"max_total_tokens: {self.total_tokens} used of {self.budget.max_total_tokens}"
-            )
+            held = f", {self._reserved_tokens} held by calls in flight" if (
+                self._reserved_tokens) else ""
+            raise self.budget.exhausted("max_total_tokens", (
+                f"{self.total_tokens} used{held}, {sum(lengths)} more for the prompt, "
+                f"{self.budget.max_total_tokens} allowed"))
         context_room = self.engine.max_model_len - max(lengths)
         limit = min(room, context_room) if context_room > 0 else room
         if params.max_tokens is None or params.max_tokens > limit:
             params = replace(params, max_tokens=limit)
+        assert params.max_tokens is not None
+        held_tokens = sum(lengths) + count * params.max_tokens
         self.model_calls += count
-        return params
+        self._reserved_tokens += held_tokens
+        return params, held_tokens, lengths
 
     def _call_id(self) -> str:
         self._next_call += 1
@@ -109,14 +179,20 @@ class Session:
         """One batched engine call; `adapter=None` means the request's own adapter."""
         if not prompts:
             return []
-        params = self._reserve(prompts, params)
+        params, held, lengths = self._reserve(prompts, params)
         call_id = self._call_id()
         self._inflight.add(call_id)
         try:
             gens = await self.engine.generate(
                 prompts, params, adapter=adapter or self.adapter, request_id=call_id
             )
+        except asyncio.CancelledError:
+            # subtle: the engine has read the prompts by now; count them, since an aborted
+            # call reports nothing.
+            self.prompt_tokens += sum(lengths)
+            raise
         finally:
+            self._reserved_tokens -= held
             self._inflight.discard(call_id)
         # A prompt's tokens count once per call, however many samples it produced.
         self.prompt_tokens += sum({g.prompt_index: g.prompt_tokens for g in gens}.values())
@@ -126,18 +202,28 @@ class Session:
     async def stream(
         self, prompt: Prompt, params: SamplingParams, adapter: AdapterRef | None = None
     ) -> AsyncGenerator[StreamDelta | StreamEnd, None]:
-        params = self._reserve([prompt], params)
+        """One streamed generation, counted token by token as it arrives."""
+        params, held, (length,) = self._reserve([prompt], params)
         call_id = self._call_id()
         self._inflight.add(call_id)
         stream = self.engine.stream(prompt, params, adapter=adapter or self.adapter,
                                     request_id=call_id)
+        streamed, ended = 0, False
         try:
             async for item in stream:
                 if isinstance(item, StreamEnd):
+                    # The engine's totals replace what was counted on the way.
                     self.prompt_tokens += item.prompt_tokens
-                    self.completion_tokens += item.completion_tokens
+                    self.completion_tokens += item.completion_tokens - streamed
+                    ended = True
+                else:
+                    streamed += item.new_tokens
+                    self.completion_tokens += item.new_tokens
                 yield item
         finally:
+            if not ended:  # cut off (timeout, cancel, client gone): the prompt was read
+                self.prompt_tokens += length
+            self._reserved_tokens -= held
             await stream.aclose()
             self._inflight.discard(call_id)
 

@@ -34,8 +34,8 @@ class TemplateStrategy(Strategy):
     name = "template"
 
     class Options(StrategyOptions):
-        name: str = Field(min_length=1)
-        variables: dict[str, Any] = Field(default_factory=dict)
+        name: str = Field(min_length=1, max_length=128)
+        variables: dict[str, Any] = Field(default_factory=dict, max_length=64)
 
     async def run(self, ctx: Context) -> Final:
         return FinalPrompt(ctx.messages, ctx.params)

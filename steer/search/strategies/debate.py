@@ -5,19 +5,26 @@ A round is one batched engine step even when agents use different adapters (thei
 submitted together). Stops early once all agents' extracted answers agree. The final answer
 is the majority (answer extraction as in self-consistency), the critic's pick (`judge`), or
 the last round's consensus (falling back to the majority).
+
+Anytime: the first round seats as many agents as the budget allows (with room left for the
+judge), and debate stops before a round that does not fit. Later rounds quote the other
+agents' answers; quotes are shortened to fit the context, and when even that cannot fit,
+the debate ends with what it has.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from typing import Literal
+from collections.abc import Callable
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from steer.critics.extract import extractor
 from steer.critics.patterns import PatternStr
-from steer.engine import Generation, Message
+from steer.critics.quoting import Cut
+from steer.engine import Generation, Message, Prompt
 from steer.search.base import (
     Context,
     Final,
@@ -33,8 +40,17 @@ from steer.search.trace import Node
 class Agent(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     persona: str | None = Field(None, max_length=2000)
-    temperature: float = Field(0.7, ge=0.0, le=2.0)
-    adapter: str | None = None
+    temperature: float = Field(0.7, ge=0.0, le=2.0, allow_inf_nan=False)
+    adapter: str | None = Field(None, min_length=1, max_length=256)
+
+
+MAX_AGENTS = 16
+# Bounded in the schema, so a huge count is refused before a single Agent is built.
+AgentCount = Annotated[int, Field(ge=1, le=MAX_AGENTS)]
+AgentList = Annotated[list[Agent], Field(min_length=1, max_length=MAX_AGENTS)]
+UPDATE = ("These are the solutions to the problem from other agents:\n{body}\n\n"
+          "Using their reasoning as additional advice, can you give an updated answer? "
+          "Examine your solution and theirs step by step, and end with your final answer.")
 
 
 @register_strategy
@@ -42,7 +58,7 @@ class Debate(Strategy):
     name = "debate"
 
     class Options(StrategyOptions):
-        agents: int | list[Agent] = Field(3)
+        agents: AgentCount | AgentList = 3
         rounds: int = Field(2, ge=1, le=8)
         aggregate: Literal["majority", "judge", "consensus"] = "majority"
         extract: str = Field("last_number", pattern="^(last_number|answer_line|choice|regex)$")
@@ -67,11 +83,13 @@ class Debate(Strategy):
         return [Agent.model_validate({}) for _ in range(a)] if isinstance(a, int) else list(a)
 
     def check(self) -> None:
-        n = len(self.agents)
-        if not 1 <= n <= 16:
-            raise SteeringInvalid("debate needs 1 to 16 agents", "steering.options.agents")
         if self.opts.aggregate == "judge" and self.critic is None:
             raise SteeringInvalid("aggregate 'judge' needs steering.critic", "steering.critic")
+
+    def _judge_calls(self, n: int) -> int:
+        if self.opts.aggregate != "judge" or self.critic is None:
+            return 0
+        return self.critic.planned_calls(n)
 
     def planned_calls(self) -> int:
         n, r = len(self.agents), self.opts.rounds
@@ -79,22 +97,41 @@ class Debate(Strategy):
         judge = self.critic.planned_calls(n) if self.critic else 0
         return n * r + summaries + judge
 
+    def min_calls(self) -> int:
+        return 1 + self._judge_calls(1)
+
+    def _round_calls(self, rnd: int) -> Callable[[int], int]:
+        """What round `rnd` costs with k agents, the final judge's calls included."""
+        per_agent = 2 if rnd > 0 and self.opts.summarize else 1
+        return lambda k: k * per_agent + self._judge_calls(k)
+
     async def run(self, ctx: Context) -> Final:
         o = self.opts
         agents = self.agents
+        seated = ctx.affordable(len(agents), self._round_calls(0))
+        if seated == 0:
+            raise ctx.session.budget.exhausted("max_model_calls", (
+                f"{ctx.session.model_calls} used, {ctx.session.budget.max_model_calls} "
+                "allowed: not one agent fits"))
+        agents = agents[:seated]
         extract = extractor(o.extract, o.pattern)
         latest: list[Node] = []
         for rnd in range(o.rounds):
-            prompts = []
-            for i, agent in enumerate(agents):
-                base = list(ctx.messages)
-                if agent.persona:
-                    base = [Message("system", agent.persona), *[m for m in base
-                                                                if m.role != "system"]]
-                if rnd > 0:
-                    others = await self._others(ctx, latest, i)
-                    base += [Message("assistant", latest[i].text), Message("user", others)]
-                prompts.append(base)
+            prompts: list[Prompt]
+            if rnd == 0:
+                prompts = [self._base(ctx, agent) for agent in agents]
+            elif self._round_calls(rnd)(len(agents)) > ctx.session.calls_left:
+                ctx.cut("max_model_calls", (
+                    f"{ctx.session.model_calls} used, {ctx.session.budget.max_model_calls} "
+                    f"allowed; stopped before round {rnd + 1} of {o.rounds}"))
+                break
+            else:
+                updates = await self._updates(ctx, agents, latest)
+                if updates is None:
+                    ctx.trace.info["stopped"] = (f"round {rnd + 1}: the other agents' "
+                                                 "answers do not fit the context")
+                    break
+                prompts = updates
             gens = await self._round(ctx, prompts, agents)
             latest = [
                 ctx.trace.add(f"agent-{i}", g.text, round=rnd, tokens=g.completion_tokens,
@@ -113,7 +150,36 @@ class Debate(Strategy):
     def adapter_names(self) -> list[str]:
         return [a.adapter for a in self.agents if a.adapter]
 
-    async def _round(self, ctx: Context, prompts: list[list[Message]], agents: list[Agent],
+    @staticmethod
+    def _base(ctx: Context, agent: Agent) -> list[Message]:
+        """The client's conversation, under the agent's persona if it has one."""
+        if not agent.persona:
+            return list(ctx.messages)
+        return [Message("system", agent.persona), *[m for m in ctx.messages
+                                                    if m.role != "system"]]
+
+    async def _updates(self, ctx: Context, agents: list[Agent], latest: list[Node],
+                       ) -> list[Prompt] | None:
+        """Every agent's next prompt (its answer, then the others'), quotes fitted to the
+        context; None when one cannot fit at all. Summaries, if any, are one batch."""
+        quotes = await asyncio.gather(*(self._others(ctx, latest, i)
+                                        for i in range(len(agents))))
+        prompts: list[Prompt] = []
+        for i, agent in enumerate(agents):
+            base = self._base(ctx, agent)
+
+            def build(cut: Cut, base: list[Message] = base, i: int = i) -> Prompt:
+                body = "\n\n".join(f"One agent's solution: {cut(t)}" for t in quotes[i])
+                return [*base, Message("assistant", cut(latest[i].text)),
+                        Message("user", UPDATE.format(body=body))]
+
+            prompt = ctx.fit(build, ctx.params.max_tokens)
+            if prompt is None:
+                return None
+            prompts.append(prompt)
+        return prompts
+
+    async def _round(self, ctx: Context, prompts: list[Prompt], agents: list[Agent],
                      ) -> list[Generation]:
         """One engine step: all agents' calls submitted together, grouped per adapter and
         temperature (one batched call per group)."""
@@ -136,25 +202,29 @@ class Debate(Strategy):
                 out[member] = g
         return [g for g in out if g is not None]
 
-    async def _others(self, ctx: Context, latest: list[Node], me: int) -> str:
+    async def _others(self, ctx: Context, latest: list[Node], me: int) -> list[str]:
+        """What agent `me` is shown of the others: their answers, or a summary of them."""
         others = [n.text for j, n in enumerate(latest) if j != me]
-        if self.opts.summarize:
-            key = ("summary", latest[0].round, me)
-            if key not in ctx.cache:
-                joined = "\n---\n".join(others)
-                ask = [Message("user", "Summarize these answers to the question "
-                               f"\"{ctx.question.text}\", keeping each one's final answer "
-                               f"and key reasoning:\n{joined}")]
-                params = ctx.sampling(temperature=0.0, max_tokens=self.opts.summary_tokens,
-                                      logprobs=None, stop=())
-                (g,) = await ctx.session.generate([ask], params, role="summary")
-                ctx.cache[key] = g.text
-            body = str(ctx.cache[key])
-        else:
-            body = "\n\n".join(f"One agent's solution: {t}" for t in others)
-        return (f"These are the solutions to the problem from other agents:\n{body}\n\n"
-                "Using their reasoning as additional advice, can you give an updated answer? "
-                "Examine your solution and theirs step by step, and end with your final answer.")
+        if not self.opts.summarize:
+            return others
+        key = ("summary", latest[0].round, me)
+        if key not in ctx.cache:
+            question = ctx.question.text
+
+            def build(cut: Cut) -> Prompt:
+                joined = "\n---\n".join(cut(t) for t in others)
+                return [Message("user", "Summarize these answers to the question "
+                                f"\"{cut(question)}\", keeping each one's final answer "
+                                f"and key reasoning:\n{joined}")]
+
+            ask = ctx.fit(build, self.opts.summary_tokens)
+            if ask is None:  # too long to summarize: quote them (fitted) instead
+                return others
+            params = ctx.sampling(temperature=0.0, max_tokens=self.opts.summary_tokens,
+                                  logprobs=None, stop=())
+            (g,) = await ctx.session.generate([ask], params, role="summary")
+            ctx.cache[key] = g.text
+        return [str(ctx.cache[key])]
 
     async def _aggregate(self, ctx: Context, latest: list[Node]) -> Final:
         o = self.opts

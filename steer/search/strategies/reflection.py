@@ -5,6 +5,9 @@ reaches `threshold`. Feedback comes from the model (`self`: a feedback prompt), 
 critic (its score and explanation, e.g. a verifier's error), or `both`. With `memory`, every
 earlier reflection stays in later revision prompts (Reflexion); without, only the latest
 (Self-Refine). Returns the best-scored version, not necessarily the last.
+
+Anytime: it stops before an iteration the budget cannot pay for, and when a prompt quoting
+the draft cannot fit the context even with the draft shortened.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from steer.engine import Message
+from steer.critics.quoting import Cut
+from steer.engine import Message, Prompt
 from steer.search.base import (
     Context,
     Final,
@@ -59,6 +63,15 @@ class Reflection(Strategy):
         feedback = 1 if o.feedback in ("self", "both") else 0
         return versions * (1 + critic) + o.max_iters * feedback
 
+    def _version_calls(self) -> int:
+        return 1 + (self.critic.planned_calls(1) if self.critic else 0)
+
+    def min_calls(self) -> int:
+        return self._version_calls()
+
+    def _iteration_calls(self) -> int:
+        return self._version_calls() + (1 if self.opts.feedback in ("self", "both") else 0)
+
     async def _score(self, ctx: Context, node: Node) -> float | None:
         if self.critic is None:
             return None
@@ -76,12 +89,27 @@ class Reflection(Strategy):
             if o.threshold is not None and value is not None and value >= o.threshold:
                 ctx.trace.info["stopped"] = {"iteration": it - 1, "score": value}
                 break
+            if not ctx.affordable(1, lambda _: self._iteration_calls()):
+                break
             feedback = await self._feedback(ctx, current)
+            if feedback is None:
+                ctx.trace.info["stopped"] = {"iteration": it - 1,
+                                             "reason": "the draft does not fit the context"}
+                break
             reflections.append(feedback)
             shown = reflections if o.memory else reflections[-1:]
-            revise = [*ctx.messages, Message("assistant", current.text), Message("user", (
-                "Feedback on your answer:\n" + "\n---\n".join(shown)
-                + "\n\nWrite an improved, complete answer to the original question."))]
+            answer = current.text
+
+            def build(cut: Cut, answer: str = answer, shown: list[str] = shown) -> Prompt:
+                return [*ctx.messages, Message("assistant", cut(answer)), Message("user", (
+                    "Feedback on your answer:\n" + "\n---\n".join(cut(f) for f in shown)
+                    + "\n\nWrite an improved, complete answer to the original question."))]
+
+            revise = ctx.fit(build, params.max_tokens)
+            if revise is None:
+                ctx.trace.info["stopped"] = {"iteration": it - 1,
+                                             "reason": "the draft does not fit the context"}
+                break
             (gen,) = await ctx.session.generate([revise], params, role="generator")
             current = ctx.add_generations([gen], "revision", round=it, parent=current.id)[0]
             current.meta["feedback"] = feedback
@@ -94,7 +122,9 @@ class Reflection(Strategy):
         best.chosen = True
         return FinalText(best, best.meta.get("finish_reason", "stop"))
 
-    async def _feedback(self, ctx: Context, node: Node) -> str:
+    async def _feedback(self, ctx: Context, node: Node) -> str | None:
+        """The critic's and/or the model's feedback on `node`; None when the feedback
+        prompt cannot fit the context even with the answer shortened."""
         o = self.opts
         parts = []
         if o.feedback in ("critic", "both") and self.critic is not None:
@@ -102,8 +132,15 @@ class Reflection(Strategy):
             score = node.scores.get(self.critic.name)
             parts.append(f"A checker scored it {score:.2f} of 1. {detail}".strip())
         if o.feedback in ("self", "both"):
-            ask = [Message("user", f"{FEEDBACK}\n\nQuestion: {ctx.question.text}\n\n"
-                                   f"Answer:\n{node.text}")]
+            question = ctx.question.text
+
+            def build(cut: Cut) -> Prompt:
+                return [Message("user", f"{FEEDBACK}\n\nQuestion: {cut(question)}\n\n"
+                                        f"Answer:\n{cut(node.text)}")]
+
+            ask = ctx.fit(build, o.feedback_tokens)
+            if ask is None:
+                return None
             params = ctx.sampling(temperature=0.0, max_tokens=o.feedback_tokens, logprobs=None,
                                   stop=())
             (gen,) = await ctx.session.generate([ask], params, role="feedback")

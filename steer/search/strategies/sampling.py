@@ -1,5 +1,8 @@
 """Strategies that sample several answers to one prompt and pick one:
-`best_of_n` (a critic picks) and `self_consistency` (a majority vote over final answers)."""
+`best_of_n` (a critic picks) and `self_consistency` (a majority vote over final answers).
+
+Both are anytime: with a budget too small for every sample, they sample what fits (keeping
+room for the critic's calls) and pick among those, marking the result as cut."""
 
 from __future__ import annotations
 
@@ -48,6 +51,12 @@ class BestOfN(Strategy):
         critic = self.critic.planned_calls(per_wave) if self.critic else 0
         return opts.n + waves * critic
 
+    def _wave_calls(self, k: int) -> int:
+        return k + (self.critic.planned_calls(k) if self.critic else 0)
+
+    def min_calls(self) -> int:
+        return self._wave_calls(1)
+
     async def run(self, ctx: Context) -> Final:
         opts = self.options
         assert isinstance(opts, BestOfN.Options)
@@ -55,7 +64,14 @@ class BestOfN(Strategy):
         nodes: list[Node] = []
         wave = 0
         while len(nodes) < opts.n:
-            size = min(batch, opts.n - len(nodes))
+            wanted = min(batch, opts.n - len(nodes))
+            size = ctx.affordable(wanted, self._wave_calls)
+            if size == 0:
+                if nodes:
+                    break
+                raise ctx.session.budget.exhausted("max_model_calls", (
+                    f"{ctx.session.model_calls} used, {ctx.session.budget.max_model_calls} "
+                    "allowed: not one sample fits"))
             params = ctx.sampling(n=size, temperature=opts.temperature, logprobs=0)
             gens = await ctx.session.generate([ctx.messages], params, role="generator")
             fresh = ctx.add_generations(gens, "generator", round=wave)
@@ -102,7 +118,13 @@ class SelfConsistency(Strategy):
         opts = self.options
         assert isinstance(opts, SelfConsistency.Options)
         extract = extractor(opts.extract, opts.pattern)
-        params = ctx.sampling(n=opts.k, temperature=opts.temperature, logprobs=0)
+        # The critic only breaks ties, so it gets no room kept: the vote comes first.
+        k = ctx.affordable(opts.k, lambda k: k)
+        if k == 0:
+            raise ctx.session.budget.exhausted("max_model_calls", (
+                f"{ctx.session.model_calls} used, {ctx.session.budget.max_model_calls} "
+                "allowed: not one sample fits"))
+        params = ctx.sampling(n=k, temperature=opts.temperature, logprobs=0)
         gens = await ctx.session.generate([ctx.messages], params, role="generator")
         nodes = ctx.add_generations(gens, "generator")
         for n in nodes:
@@ -117,9 +139,14 @@ class SelfConsistency(Strategy):
             top = max(votes.values())
             winners = [a for a, c in votes.items() if c == top]
             pool = [n for n in nodes if n.meta["answer"] in winners]
-            if len(winners) > 1 and self.critic is not None:
+            critic = self.critic
+            if len(winners) > 1 and critic is not None:
+                cost = critic.planned_calls(len(pool))
+                if not ctx.affordable(1, lambda _: cost):
+                    critic = None  # no room left for the tie-break: the logprob decides
+            if len(winners) > 1 and critic is not None:
                 await ctx.score(pool)
-                ctx.trace.info["tie_break"] = f"critic {self.critic.name}"
+                ctx.trace.info["tie_break"] = f"critic {critic.name}"
                 best_by_answer: dict[str, float] = {}
                 for n in pool:
                     a = n.meta["answer"]

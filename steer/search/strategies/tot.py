@@ -5,16 +5,24 @@ prunes children valued under `threshold`, backtracks, and stops at the first fin
 or after `max_states`. Each level's expansions are one batch of engine calls, and each
 level's evaluations another. States are valued by the paper's value prompt (sure/likely/
 impossible -> 20/1/0.001, `n_evaluate` samples summed), by votes, or by any critic.
+
+Anytime: a level expands only the states the budget can pay for and values only the children
+it can pay for (the rest score 0); once the budget is cut the search answers from what it
+has. Prompts quote the partial solution; a long one is shortened (head and tail) to fit the
+context, and a state whose prompt cannot fit at all is not expanded (or scores 0).
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 from pydantic import Field, model_validator
 
+from steer.critics import Question
+from steer.critics.quoting import Cut
+from steer.engine import Message, Prompt
 from steer.search.base import (
     Context,
     Final,
@@ -42,14 +50,15 @@ class TreeOfThoughts(Strategy):
         evaluator: Literal["value", "vote", "critic"] = "value"
         n_evaluate: int = Field(3, ge=1, le=10)
         selection: Literal["greedy", "sample"] = "greedy"
-        task: str = "steps"
+        task: str = Field("steps", max_length=64)
         temperature: float = Field(0.7, ge=0.0, le=2.0)
         max_proposals: int = Field(8, ge=1, le=16)
-        threshold: float = Field(1.0, ge=0.0, description="dfs: prune states valued below")
+        threshold: float = Field(1.0, ge=0.0, le=1000.0,
+                                 description="dfs: prune states valued below")
         max_states: int = Field(64, ge=1, le=1024, description="dfs: states visited at most")
         step_tokens: int = Field(160, ge=8, le=2048)
         value_tokens: int = Field(64, ge=1, le=1024)
-        seed: int | None = None
+        seed: int | None = Field(None, ge=-(2 ** 63), le=2 ** 63 - 1)
 
         @model_validator(mode="after")
         def _known_task(self) -> TreeOfThoughts.Options:
@@ -88,17 +97,37 @@ class TreeOfThoughts(Strategy):
             return o.max_states * per_expansion
         return self.levels(task) * o.breadth * per_expansion
 
+    def min_calls(self) -> int:
+        return self.n_generate  # the root's expansion: a search that takes one step
+
+    def _fitted(self, ctx: Context, make: Callable[[Question, str], list[Message]],
+                state: str, max_tokens: int | None) -> Prompt | None:
+        """`make(question, state)` with the question and the partial solution it quotes
+        shortened to fit the context (None: not even shortened)."""
+        text = ctx.question.text
+
+        def build(cut: Cut) -> Prompt:
+            return make(Question((Message("user", cut(text)),)), cut(state))
+
+        return ctx.fit(build, max_tokens)
+
     # -- one level: expand, evaluate -----------------------------------------------------------
 
     async def expand(self, ctx: Context, task: Task, states: Sequence[Node], level: int,
                      ) -> list[Node]:
         """All of `states`' children, from one batched engine call."""
         o = self.opts
-        prompts = [
-            task.propose_prompt(ctx.question, s.text) if o.generator == "propose"
-            else task.sample_prompt(ctx.question, s.text)
-            for s in states
-        ]
+        make = task.propose_prompt if o.generator == "propose" else task.sample_prompt
+        fitted = [(s, self._fitted(ctx, make, s.text, o.step_tokens)) for s in states]
+        for s, p in fitted:
+            if p is None:
+                s.meta["not_expanded"] = "its prompt does not fit the context"
+        ready = [(s, p) for s, p in fitted if p is not None]
+        ready = ready[: ctx.affordable(len(ready), lambda k: k * self.n_generate)]
+        if not ready:
+            return []
+        states = [s for s, _ in ready]
+        prompts = [p for _, p in ready if p is not None]
         params = ctx.sampling(n=self.n_generate, temperature=o.temperature,
                               max_tokens=o.step_tokens, logprobs=None, stop=())
         gens = await ctx.session.generate(prompts, params, role="generator")
@@ -125,9 +154,13 @@ class TreeOfThoughts(Strategy):
         if not nodes:
             return
         if o.evaluator == "critic":
-            await ctx.score(nodes)
+            critic = self.critic
+            scored = list(nodes)
+            if critic is not None:
+                scored = scored[: ctx.affordable(len(scored), critic.planned_calls)]
+                await ctx.score(scored)
             for n in nodes:
-                n.scores["value"] = n.scores[self.critic.name] if self.critic else 0.0
+                n.scores["value"] = n.scores.get(critic.name, 0.0) if critic else 0.0
             return
         if o.evaluator == "vote":
             await self._vote(ctx, task, nodes)
@@ -143,10 +176,23 @@ class TreeOfThoughts(Strategy):
             else:
                 todo.append(n)
             seen.add(n.text)
+        ready: list[tuple[Node, Prompt]] = []
+        for n in todo:
+            prompt = self._fitted(ctx, task.value_prompt, n.text, o.value_tokens)
+            if prompt is None:
+                n.scores["value"] = 0.0
+                n.meta["unvalued"] = "its value prompt does not fit the context"
+            else:
+                ready.append((n, prompt))
+        affordable = ctx.affordable(len(ready), lambda k: k * o.n_evaluate)
+        for n, _ in ready[affordable:]:
+            n.scores["value"] = 0.0
+            n.meta["unvalued"] = "the budget ran out"
+        todo = [n for n, _ in ready[:affordable]]
         if todo:
             params = ctx.sampling(n=o.n_evaluate, temperature=o.temperature,
                                   max_tokens=o.value_tokens, logprobs=None, stop=())
-            prompts = [task.value_prompt(ctx.question, n.text) for n in todo]
+            prompts = [p for _, p in ready[:affordable]]
             gens = await ctx.session.generate(prompts, params, role="critic")
             outputs: list[list[str]] = [[] for _ in todo]
             for g in gens:
@@ -161,10 +207,19 @@ class TreeOfThoughts(Strategy):
 
     async def _vote(self, ctx: Context, task: Task, nodes: Sequence[Node]) -> None:
         o = self.opts
-        params = ctx.sampling(n=o.n_evaluate, temperature=o.temperature,
-                              max_tokens=o.value_tokens * 2, logprobs=None, stop=())
-        prompt = task.vote_prompt(ctx.question, [n.text for n in nodes])
-        gens = await ctx.session.generate([prompt], params, role="critic")
+        text = ctx.question.text
+
+        def build(cut: Cut) -> Prompt:
+            return task.vote_prompt(Question((Message("user", cut(text)),)),
+                                    [cut(n.text) for n in nodes])
+
+        prompt = ctx.fit(build, o.value_tokens * 2)
+        samples = ctx.affordable(o.n_evaluate, lambda k: k) if prompt is not None else 0
+        gens = []
+        if prompt is not None and samples:
+            params = ctx.sampling(n=samples, temperature=o.temperature,
+                                  max_tokens=o.value_tokens * 2, logprobs=None, stop=())
+            gens = await ctx.session.generate([prompt], params, role="critic")
         votes = [0] * len(nodes)
         for g in gens:
             choice = task.parse_vote(g.text, len(nodes))
@@ -226,6 +281,8 @@ class TreeOfThoughts(Strategy):
             if not kept:  # nothing new worth keeping: answer from the last level's states
                 break
             states = kept
+            if ctx.budget_cut is not None:
+                break
         return states
 
     async def _dfs(self, ctx: Context, task: Task, root: Node, cache: dict[str, float],
@@ -240,7 +297,8 @@ class TreeOfThoughts(Strategy):
             if task.is_final(node.text):
                 finals.append(node)
                 return True
-            if level >= self.levels(task) or visited >= o.max_states:
+            if (level >= self.levels(task) or visited >= o.max_states
+                    or ctx.budget_cut is not None):
                 return False
             visited += 1
             children = await self.expand(ctx, task, [node], level)
@@ -271,8 +329,19 @@ class TreeOfThoughts(Strategy):
             return FinalPrompt(ctx.messages, ctx.params)
         best = max(pool, key=lambda n: n.scores.get("value", 0.0))
         best.chosen = True
-        ask = None if finals else task.conclude_prompt(ctx.question, best.text)
-        if ask is None:
+        if finals or task.conclude_prompt(ctx.question, best.text) is None:
             return FinalText(best)
+        if not ctx.affordable(1, lambda k: k):
+            return FinalText(best)  # no call left to write the answer: the best steps
+
+        def build(cut: Cut) -> Prompt:
+            ask = task.conclude_prompt(Question((Message("user", cut(ctx.question.text)),)),
+                                       cut(best.text))
+            assert ask is not None
+            return (*ctx.messages[:-1], ask)
+
         # No state reached an answer: one last generation writes it from the best steps.
-        return FinalPrompt((*ctx.messages[:-1], ask), ctx.params, parent=best.id)
+        prompt = ctx.fit(build, ctx.params.max_tokens)
+        if prompt is None or isinstance(prompt, str):
+            return FinalText(best)
+        return FinalPrompt(tuple(prompt), ctx.params, parent=best.id)
