@@ -58,7 +58,7 @@ class ModelCaller(Protocol):
         adapter: AdapterRef | None = None,
     ) -> list[Generation]: ...
 
-    def context_room(self, prompt: Prompt) -> int:
+    async def context_room(self, prompt: Prompt) -> int:
         """Tokens left in the model's context after `prompt` (to fit quoted text)."""
         ...
 

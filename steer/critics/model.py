@@ -46,7 +46,10 @@ async def ask_fitted(
 ) -> list[Generation | None]:
     """One batched verdict call for every prompt that fits the context (quotes shortened
     as needed); None in place of each that cannot fit at all."""
-    fitted = [fit_prompt(build, caller.context_room, 1) for build in builders]
+    fitted: list[Prompt | None] = []
+    for build in builders:
+        prompt = await fit_prompt(build, caller.context_room, 1)
+        fitted.append(prompt)
     asked = [p for p in fitted if p is not None]
     gens = iter(await caller.generate(asked, VERDICT_PARAMS, role="critic", adapter=adapter)
                 if asked else [])

@@ -9,11 +9,13 @@ one's head and tail around a marker, until the prompt leaves the room its answer
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 P = TypeVar("P")
 Cut = Callable[[str], str]
+# Tokenizing is the cost: a prompt is counted a few times at most, never once per character.
+MAX_TRIES = 6
 
 
 def shorten(text: str, keep: int) -> str:
@@ -26,9 +28,23 @@ def shorten(text: str, keep: int) -> str:
     return f"{text[:head]}\n[... {cut} characters cut ...]\n{text[len(text) - tail:]}"
 
 
-def fit_prompt(build: Callable[[Cut], P], room: Callable[[P], int], need: int) -> P | None:
-    """The prompt `build(cut)` (which passes every quote through `cut`) with the longest
-    quotes that still leave `need` tokens of `room`; None when even empty quotes don't."""
+def _cap(lengths: Sequence[int], budget: float) -> int:
+    """The largest per-quote cap `keep` with sum(min(length, keep)) <= budget characters."""
+    keep, spent, left = 0, 0, len(lengths)
+    for length in sorted(lengths):
+        fair = (budget - spent) / left
+        if length > fair:
+            return max(0, int(fair))
+        keep, spent, left = length, spent + length, left - 1
+    return keep
+
+
+async def fit_prompt(
+    build: Callable[[Cut], P], room: Callable[[P], Awaitable[int]], need: int
+) -> P | None:
+    """The prompt `build(cut)` (which passes every quote through `cut`) with quotes cut so
+    it leaves `need` tokens of `room`; None when even empty quotes don't. The cut is sized
+    from the tokens measured, then tightened until it fits."""
     lengths: list[int] = []
 
     def measure(text: str) -> str:
@@ -36,17 +52,21 @@ def fit_prompt(build: Callable[[Cut], P], room: Callable[[P], int], need: int) -
         return text
 
     full = build(measure)
-    if room(full) >= need:
+    full_room = await room(full)
+    if full_room >= need:
         return full
-    best = build(lambda text: shorten(text, 0))
-    if room(best) < need:
+    empty = build(functools.partial(shorten, keep=0))
+    empty_room = await room(empty)
+    if empty_room < need:
         return None
-    low, high = 0, max(lengths, default=0)  # the most characters per quote that fit
-    while low < high:
-        mid = (low + high + 1) // 2
-        prompt = build(functools.partial(shorten, keep=mid))
-        if room(prompt) >= need:
-            low, best = mid, prompt
-        else:
-            high = mid - 1
-    return best
+    chars = float(sum(lengths))
+    quoted = max(1, empty_room - full_room)  # tokens the quotes take in full
+    for _ in range(MAX_TRIES):
+        # Characters per token as measured: keep what the allowed tokens can hold, a bit less.
+        chars *= 0.95 * (empty_room - need) / quoted
+        prompt = build(functools.partial(shorten, keep=_cap(lengths, chars)))
+        prompt_room = await room(prompt)
+        if prompt_room >= need:
+            return prompt
+        quoted = max(1, empty_room - prompt_room)
+    return empty

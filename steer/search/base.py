@@ -91,11 +91,12 @@ class Context:
                                         f"did {k} of {wanted}")
         return k
 
-    def fit(self, build: Callable[[Cut], Prompt], max_tokens: int | None) -> Prompt | None:
+    async def fit(self, build: Callable[[Cut], Prompt], max_tokens: int | None,
+                  ) -> Prompt | None:
         """One of the strategy's own prompts, its quotes (`build` passes each through the
         cut it gets) shortened to leave room for an answer of `max_tokens`; None when it
         cannot fit at all (the caller drops that call or stops)."""
-        return self.session.fit(build, self.session.answer_room(max_tokens))
+        return await self.session.fit(build, self.session.answer_room(max_tokens))
 
     @property
     def question(self) -> Question:

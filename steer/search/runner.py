@@ -247,11 +247,14 @@ class Steerer:
                        adapters=dict(plan.adapters))
 
     async def _search(self, plan: Plan, ctx: Context) -> tuple[Final, bool]:
+        deadline = asyncio.timeout(plan.budget.timeout_s)
         try:
             try:
-                async with asyncio.timeout(plan.budget.timeout_s):
+                async with deadline:
                     final = await plan.strategy.run(ctx)
             except TimeoutError as exc:
+                if not deadline.expired():
+                    raise  # not our deadline: some other timeout inside
                 raise plan.budget.timed_out(ctx.session.elapsed()) from exc
         except BudgetExhausted as exc:
             ctx.trace.info["budget_exhausted"] = str(exc)
@@ -321,9 +324,10 @@ class Steerer:
         """The last generation: streamed token by token, within what is left of the budget."""
         left = plan.budget.timeout_s - ctx.session.elapsed()
         text, finish, exhausted = "", "stop", ctx.budget_cut is not None
+        deadline = asyncio.timeout(max(left, 0.001))
         try:
             try:
-                async with asyncio.timeout(max(left, 0.001)):
+                async with deadline:
                     async for item in ctx.session.stream(final.messages, final.params):
                         if isinstance(item, StreamEnd):
                             continue
@@ -333,6 +337,8 @@ class Steerer:
                         if stream_final:
                             yield item
             except TimeoutError as exc:
+                if not deadline.expired():
+                    raise
                 raise plan.budget.timed_out(ctx.session.elapsed()) from exc
         except BudgetExhausted as exc:
             ctx.trace.info["budget_exhausted"] = str(exc)

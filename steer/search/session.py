@@ -118,9 +118,10 @@ class Session:
         """Tokens `prompt` takes (chat template included)."""
         return self.engine.count_prompt_tokens(prompt)
 
-    def context_room(self, prompt: Prompt) -> int:
-        """Tokens left in the context window after `prompt`."""
-        return self.engine.max_model_len - self.count_tokens(prompt)
+    async def context_room(self, prompt: Prompt) -> int:
+        """Tokens left in the context window after `prompt` (counted off the event loop
+        where the engine's tokenizing is slow)."""
+        return self.engine.max_model_len - await self.engine.count_prompt_tokens_async(prompt)
 
     def answer_room(self, max_tokens: int | None) -> int:
         """The room a prompt of Steer's own must leave for its answer: `max_tokens`, but
@@ -128,10 +129,10 @@ class Session:
         quarter = max(1, self.engine.max_model_len // 4)
         return quarter if max_tokens is None else max(1, min(max_tokens, quarter))
 
-    def fit(self, build: Callable[[Cut], Prompt], need: int) -> Prompt | None:
+    async def fit(self, build: Callable[[Cut], Prompt], need: int) -> Prompt | None:
         """`build(cut)` with its quotes shortened so `need` tokens are left for the answer;
         None when even empty quotes leave too little (see `steer.critics.quoting`)."""
-        return fit_prompt(build, self.context_room, need)
+        return await fit_prompt(build, self.context_room, need)
 
     # -- calls ---------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from steer.critics.quoting import MAX_TRIES, fit_prompt
 from steer.engine import AdapterRef, Message, Prompt, SamplingParams, StreamDelta, StreamEnd
 from steer.search import (
     Budget,
@@ -515,3 +516,27 @@ async def test_preset_limit_is_the_presets() -> None:
         strategy="best_of_n", options={"n": 2}), "low"))
     assert plan.budget.source("max_model_calls") == "preset"
     assert plan.budget.source("max_total_tokens") == "preset"
+
+
+async def test_fit_keeps_short_quotes_whole_and_counts_a_few_times() -> None:
+    counted = 0
+
+    async def room(prompt: str) -> int:
+        nonlocal counted
+        counted += 1
+        return 100 - len(prompt.split())
+
+    short, long = "tiny answer", " ".join(f"x{i}" for i in range(300))
+    fitted = await fit_prompt(lambda cut: f"judge: {cut(short)} vs {cut(long)}", room, 10)
+    assert fitted is not None
+    assert await room(fitted) >= 10
+    assert "tiny answer" in fitted and "x0" in fitted and "x299" in fitted
+    assert "characters cut" in fitted
+    assert counted <= 3 + MAX_TRIES
+
+
+async def test_fit_gives_up_when_even_empty_quotes_do_not_fit() -> None:
+    async def room(prompt: str) -> int:
+        return 5 - len(prompt.split())
+
+    assert await fit_prompt(lambda cut: f"a b c d e f {cut('q')}", room, 1) is None

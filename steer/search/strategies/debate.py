@@ -173,7 +173,7 @@ class Debate(Strategy):
                 return [*base, Message("assistant", cut(latest[i].text)),
                         Message("user", UPDATE.format(body=body))]
 
-            prompt = ctx.fit(build, ctx.params.max_tokens)
+            prompt = await ctx.fit(build, ctx.params.max_tokens)
             if prompt is None:
                 return None
             prompts.append(prompt)
@@ -217,7 +217,7 @@ class Debate(Strategy):
                                 f"\"{cut(question)}\", keeping each one's final answer "
                                 f"and key reasoning:\n{joined}")]
 
-            ask = ctx.fit(build, self.opts.summary_tokens)
+            ask = await ctx.fit(build, self.opts.summary_tokens)
             if ask is None:  # too long to summarize: quote them (fitted) instead
                 return others
             params = ctx.sampling(temperature=0.0, max_tokens=self.opts.summary_tokens,

@@ -105,7 +105,7 @@ class Reflection(Strategy):
                     "Feedback on your answer:\n" + "\n---\n".join(cut(f) for f in shown)
                     + "\n\nWrite an improved, complete answer to the original question."))]
 
-            revise = ctx.fit(build, params.max_tokens)
+            revise = await ctx.fit(build, params.max_tokens)
             if revise is None:
                 ctx.trace.info["stopped"] = {"iteration": it - 1,
                                              "reason": "the draft does not fit the context"}
@@ -138,7 +138,7 @@ class Reflection(Strategy):
                 return [Message("user", f"{FEEDBACK}\n\nQuestion: {cut(question)}\n\n"
                                         f"Answer:\n{cut(node.text)}")]
 
-            ask = ctx.fit(build, o.feedback_tokens)
+            ask = await ctx.fit(build, o.feedback_tokens)
             if ask is None:
                 return None
             params = ctx.sampling(temperature=0.0, max_tokens=o.feedback_tokens, logprobs=None,

@@ -100,7 +100,7 @@ class TreeOfThoughts(Strategy):
     def min_calls(self) -> int:
         return self.n_generate  # the root's expansion: a search that takes one step
 
-    def _fitted(self, ctx: Context, make: Callable[[Question, str], list[Message]],
+    async def _fitted(self, ctx: Context, make: Callable[[Question, str], list[Message]],
                 state: str, max_tokens: int | None) -> Prompt | None:
         """`make(question, state)` with the question and the partial solution it quotes
         shortened to fit the context (None: not even shortened)."""
@@ -109,7 +109,7 @@ class TreeOfThoughts(Strategy):
         def build(cut: Cut) -> Prompt:
             return make(Question((Message("user", cut(text)),)), cut(state))
 
-        return ctx.fit(build, max_tokens)
+        return await ctx.fit(build, max_tokens)
 
     # -- one level: expand, evaluate -----------------------------------------------------------
 
@@ -118,7 +118,7 @@ class TreeOfThoughts(Strategy):
         """All of `states`' children, from one batched engine call."""
         o = self.opts
         make = task.propose_prompt if o.generator == "propose" else task.sample_prompt
-        fitted = [(s, self._fitted(ctx, make, s.text, o.step_tokens)) for s in states]
+        fitted = [(s, await self._fitted(ctx, make, s.text, o.step_tokens)) for s in states]
         for s, p in fitted:
             if p is None:
                 s.meta["not_expanded"] = "its prompt does not fit the context"
@@ -178,7 +178,7 @@ class TreeOfThoughts(Strategy):
             seen.add(n.text)
         ready: list[tuple[Node, Prompt]] = []
         for n in todo:
-            prompt = self._fitted(ctx, task.value_prompt, n.text, o.value_tokens)
+            prompt = await self._fitted(ctx, task.value_prompt, n.text, o.value_tokens)
             if prompt is None:
                 n.scores["value"] = 0.0
                 n.meta["unvalued"] = "its value prompt does not fit the context"
@@ -213,7 +213,7 @@ class TreeOfThoughts(Strategy):
             return task.vote_prompt(Question((Message("user", cut(text)),)),
                                     [cut(n.text) for n in nodes])
 
-        prompt = ctx.fit(build, o.value_tokens * 2)
+        prompt = await ctx.fit(build, o.value_tokens * 2)
         samples = ctx.affordable(o.n_evaluate, lambda k: k) if prompt is not None else 0
         gens = []
         if prompt is not None and samples:
@@ -262,7 +262,7 @@ class TreeOfThoughts(Strategy):
             states = await self._bfs(ctx, task, root, cache, rng)
         else:
             states = await self._dfs(ctx, task, root, cache)
-        return self._finish(ctx, task, states)
+        return await self._finish(ctx, task, states)
 
     async def _bfs(self, ctx: Context, task: Task, root: Node, cache: dict[str, float],
                    rng: random.Random) -> list[Node]:
@@ -320,7 +320,7 @@ class TreeOfThoughts(Strategy):
         return finals or sorted(explored, key=lambda n: n.scores.get("value", 0.0),
                                 reverse=True)[:1]
 
-    def _finish(self, ctx: Context, task: Task, states: Sequence[Node]) -> Final:
+    async def _finish(self, ctx: Context, task: Task, states: Sequence[Node]) -> Final:
         finals = [s for s in states if task.is_final(s.text)]
         pool = finals or [s for s in states if s.role != "root"]
         if not pool:
@@ -341,7 +341,7 @@ class TreeOfThoughts(Strategy):
             return (*ctx.messages[:-1], ask)
 
         # No state reached an answer: one last generation writes it from the best steps.
-        prompt = ctx.fit(build, ctx.params.max_tokens)
+        prompt = await ctx.fit(build, ctx.params.max_tokens)
         if prompt is None or isinstance(prompt, str):
             return FinalText(best)
         return FinalPrompt(tuple(prompt), ctx.params, parent=best.id)
