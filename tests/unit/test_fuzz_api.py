@@ -131,12 +131,24 @@ def test_every_route_lists_its_errors_and_no_422() -> None:
     assert "HTTPValidationError" not in doc["components"]["schemas"]
 
 
-def test_every_check_runs() -> None:
+def test_every_check_is_on() -> None:
+    """`call_and_validate` runs every check the config enables: all of schemathesis's."""
     load_all_checks()
-    names = set(CHECKS.get_all_names())
+    config = schema.config.checks_config_for()
+    names = {check.__name__ for check in CHECKS.get_all()}
     assert {"not_a_server_error", "status_code_conformance", "content_type_conformance",
             "response_schema_conformance", "negative_data_rejection",
-            "positive_data_acceptance"} <= names
+            "positive_data_acceptance", "ignored_auth", "unsupported_method"} <= names
+    assert all(config.get_by_name(name=name).enabled for name in names)
+
+
+def test_request_schemas_are_closed() -> None:
+    """`extra="forbid"` shows: an unknown field is invalid in the document as on the server."""
+    schemas = fresh_app().openapi()["components"]["schemas"]
+    for name in ("ChatCompletionRequest", "CompletionRequest", "ChatMessage", "TextPart",
+                 "StreamOptions", "SteeringSpec", "LoadLoraAdapterRequest",
+                 "UnloadLoraAdapterRequest"):
+        assert schemas[name]["additionalProperties"] is False, name
 
 
 @pytest.mark.anyio
