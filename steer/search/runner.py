@@ -109,8 +109,8 @@ _UNION_TAGS = frozenset({"int", "float", "str", "bool", "list", "dict", "none"})
 def _invalid(exc: ValidationError, prefix: str) -> SteeringInvalid:
     errors = exc.errors()
     # With a union (debate's `agents`: a count or a list) pydantic reports every member;
-    # the member whose type matched has the error worth showing.
-    err = next((e for e in errors if not e["type"].endswith("_type")), errors[0])
+    # the member whose type matched, or else the deepest error, is the one worth showing.
+    err = max(errors, key=lambda e: (not e["type"].endswith("_type"), len(e["loc"])))
     parts = [str(p) for p in err["loc"]
              if isinstance(p, int) or (_FIELD.match(p) and p not in _UNION_TAGS)]
     loc = ".".join(parts)

@@ -540,3 +540,10 @@ async def test_fit_gives_up_when_even_empty_quotes_do_not_fit() -> None:
         return 5 - len(prompt.split())
 
     assert await fit_prompt(lambda cut: f"a b c d e f {cut('q')}", room, 1) is None
+
+
+async def test_a_bad_agent_is_named_not_the_count_form() -> None:
+    with pytest.raises(SteeringInvalid) as info:
+        steerer_for(FakeEngine()).plan(SteeringSpec(
+            strategy="debate", options={"agents": [{"temperature": "hot"}]}))
+    assert info.value.param == "steering.options.agents.0.temperature"
