@@ -136,17 +136,17 @@ class Session:
 
     # -- calls ---------------------------------------------------------------------------------
 
-    def _reserve(
+    async def _reserve(
         self, prompts: Sequence[Prompt], params: SamplingParams
     ) -> tuple[SamplingParams, int, list[int]]:
         """Clamp `params` to the budget and hold its sequences and tokens; returns the
         params, the tokens held and each prompt's length."""
         count = len(prompts) * params.n
-        if count > self.calls_left:
-            raise self.budget.exhausted("max_model_calls", (
-                f"{self.model_calls} used, {count} more needed, "
-                f"{self.budget.max_model_calls} allowed"))
-        lengths = [self.count_tokens(p) for p in prompts]
+        self._check_calls(count)  # before counting tokens: a refusal costs nothing
+        lengths = [await self.engine.count_prompt_tokens_async(p) for p in prompts]
+        # subtle: no await from here on, so checking and holding are one step even when
+        # calls of this session run concurrently.
+        self._check_calls(count)
         used = self.total_tokens + self._reserved_tokens
         left = self.budget.max_total_tokens - used - sum(lengths)
         room = left // count
@@ -166,6 +166,12 @@ class Session:
         self._reserved_tokens += held_tokens
         return params, held_tokens, lengths
 
+    def _check_calls(self, count: int) -> None:
+        if count > self.calls_left:
+            raise self.budget.exhausted("max_model_calls", (
+                f"{self.model_calls} used, {count} more needed, "
+                f"{self.budget.max_model_calls} allowed"))
+
     def _call_id(self) -> str:
         self._next_call += 1
         return f"{self.request_id}-c{self._next_call}"
@@ -180,7 +186,7 @@ class Session:
         """One batched engine call; `adapter=None` means the request's own adapter."""
         if not prompts:
             return []
-        params, held, lengths = self._reserve(prompts, params)
+        params, held, lengths = await self._reserve(prompts, params)
         call_id = self._call_id()
         self._inflight.add(call_id)
         try:
@@ -204,7 +210,7 @@ class Session:
         self, prompt: Prompt, params: SamplingParams, adapter: AdapterRef | None = None
     ) -> AsyncGenerator[StreamDelta | StreamEnd, None]:
         """One streamed generation, counted token by token as it arrives."""
-        params, held, (length,) = self._reserve([prompt], params)
+        params, held, (length,) = await self._reserve([prompt], params)
         call_id = self._call_id()
         self._inflight.add(call_id)
         stream = self.engine.stream(prompt, params, adapter=adapter or self.adapter,
