@@ -547,3 +547,22 @@ async def test_a_bad_agent_is_named_not_the_count_form() -> None:
         steerer_for(FakeEngine()).plan(SteeringSpec(
             strategy="debate", options={"agents": [{"temperature": "hot"}]}))
     assert info.value.param == "steering.options.agents.0.temperature"
+
+
+class SlowCountEngine(FakeEngine):
+    """Counts prompt tokens off the loop, as the vLLM backend does for long prompts."""
+
+    async def count_prompt_tokens_async(self, prompt: Prompt) -> int:
+        await asyncio.sleep(0)
+        return self.count_prompt_tokens(prompt)
+
+
+async def test_calls_counted_concurrently_never_pass_the_call_budget() -> None:
+    engine = SlowCountEngine(max_model_len=4096)
+    session = Session(engine, Budget(1, 1000, 60), "r", None)
+    results = await asyncio.gather(
+        session.generate([PROMPT], SamplingParams(max_tokens=5), role="a"),
+        session.generate([PROMPT], SamplingParams(max_tokens=5), role="b"),
+        return_exceptions=True)
+    assert session.model_calls == 1 and len(engine.history) == 1
+    assert sum(isinstance(r, BudgetExhausted) for r in results) == 1
