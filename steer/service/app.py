@@ -27,8 +27,9 @@ from steer.service.adapters import (
     admin_router,
     build_registry,
 )
-from steer.service.admission import Admission
+from steer.service.admission import Admission, WorkLimits
 from steer.service.errors import APIError, install_error_handlers
+from steer.service.limits import BodyLimitMiddleware
 from steer.service.metrics import Metrics, MetricsMiddleware
 from steer.service.openapi import document as openapi_document
 from steer.service.protocol import (
@@ -79,7 +80,11 @@ def create_app(
     settings: Settings, engine: Engine, adapters: AdapterRegistry | None = None
 ) -> FastAPI:
     metrics = Metrics()
-    admission = Admission(settings.max_concurrent_requests, settings.max_queued_requests, metrics)
+    admission = Admission(
+        settings.max_concurrent_requests, settings.max_queued_requests, metrics,
+        WorkLimits(capacity=settings.max_inflight_tokens, light_work=settings.max_model_len,
+                   heavy_share=settings.max_heavy_share, key_share=settings.max_key_share),
+    )
     registry = adapters or build_registry(settings, engine, model_dir=None)
     request_adapters = RequestAdapters(registry, metrics)
     admin = AdapterAdmin(registry, metrics)
@@ -93,7 +98,8 @@ def create_app(
         templates,
         resolve_adapter=lambda name: _adapter_by_name(request_adapters, name),
     )
-    traces = TraceStore(settings.trace_store_size or 1, settings.trace_ttl_s)
+    traces = TraceStore(settings.trace_store_bytes, settings.trace_ttl_s,
+                        max_traces=settings.trace_store_size or 1)
     chats = SteeredChat(serving, steerer, metrics, admission, traces)
 
     @asynccontextmanager
@@ -113,6 +119,7 @@ def create_app(
     app.state.metrics = metrics
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(AdapterLeaseMiddleware)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     install_error_handlers(app)
     app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
 
