@@ -134,8 +134,8 @@ def from_search_error(exc: Exception, request_id: str | None = None) -> APIError
 def from_budget_exhausted(exc: BudgetExhausted) -> APIError:
     """The request's own budget ran out before any answer: the client may raise it (400).
     The server's cap ran out: the client can't raise it, so say which one, with a 5xx."""
-    limit = getattr(exc, "limit", None)
-    if getattr(exc, "source", "request") == "server":
+    limit, source = exc.limit, exc.source
+    if source == "server":
         if limit == "timeout_s":
             return APIError(504, f"{exc}. This is the server's limit per steered request "
                             "(STEER_STEER_TIMEOUT_S); ask for a smaller search.",
@@ -143,6 +143,10 @@ def from_budget_exhausted(exc: BudgetExhausted) -> APIError:
         return APIError(503, f"{exc}. This is the server's limit per steered request "
                         f"(STEER_STEER_{str(limit).upper()}); ask for a smaller search.",
                         type="service_unavailable", code="server_limit_reached")
+    if source == "preset":  # the budget reasoning_effort chose, not a field the client sent
+        return APIError(400, f"{exc}. Ask for a higher reasoning_effort, or set "
+                        "steering.budget yourself.", param="reasoning_effort",
+                        code="budget_exhausted")
     param = f"steering.budget.{limit}" if limit else "steering.budget"
     return APIError(400, f"{exc}. Raise the budget or ask for less.", param=param,
                     code="budget_exhausted")

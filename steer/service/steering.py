@@ -150,7 +150,7 @@ class SteeredChat:
         """What a search may ask of the engine, known before its first call: its planned
         sequences (at most its call budget), each up to the request's max_tokens with the
         prompt, and never more than its token budget."""
-        calls = min(plan.strategy.planned_calls(), plan.budget.max_model_calls)
+        calls = plan.planned_calls()
         per_call = min(params.max_tokens or self.serving.settings.max_tokens_cap,
                        self.serving.engine.max_model_len) + prompt_tokens
         return min(calls * per_call, plan.budget.max_total_tokens)

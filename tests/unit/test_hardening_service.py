@@ -304,3 +304,26 @@ def test_the_trace_store_is_bounded_in_bytes() -> None:
     big.add("thought", "y" * 200_000)
     store.put("big", big)  # too big to keep at all: dropped, the others stay
     assert store.get("big") is None and store.get("t49") is not None
+
+
+# -- whose limit ran out ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("extra", "status", "param", "code"), [
+    ({}, 504, None, "server_timeout"),  # the server's cap: not the client's to raise
+    ({"budget": {"timeout_s": 0.1}}, 400, "steering.budget.timeout_s", "budget_exhausted"),
+])
+async def test_a_timeout_before_any_answer_names_whose_limit_it_was(
+    fake_engine: FakeEngine, settings: Settings, extra: dict[str, Any], status: int,
+    param: str | None, code: str,
+) -> None:
+    fake_engine.hold = asyncio.Event()  # the engine never answers
+    app = create_app(settings.model_copy(update={"steer_timeout_s": 0.2}), fake_engine)
+    async with running(app) as c:
+        r = await c.post(CHAT, json=chat(steering={
+            "strategy": "best_of_n", "options": {"n": 2}, **extra}))
+        assert r.status_code == status, r.text
+        error = error_of(r)
+        assert (error["param"], error["code"]) == (param, code)
+        assert "timeout_s" in str(error["message"])
+        fake_engine.hold.set()
