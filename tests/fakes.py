@@ -7,6 +7,7 @@ Never used instead of the real engine in integration tests.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,21 @@ class Call:
     # Tokens of each sequence this call returned, in order; a stream counts them as it
     # yields them, so an abandoned stream shows what it really sent.
     completion_tokens: list[int] = field(default_factory=list)
+
+
+# llm_judge names fresh verdict words in each prompt (steer.critics.model.verdict_labels).
+_VERDICT_WORDS = re.compile(r"If it is, reply with: (\w+)\. If it is not, reply with: (\w+)\.")
+
+
+def _in_verdict_words(prompt: Prompt | None, text: str) -> str:
+    """A scripted "yes"/"no" to a judge prompt, said in that prompt's own verdict words (as a
+    model that followed the instruction would), so tests can script verdicts plainly."""
+    if prompt is None or isinstance(prompt, str) or text.strip().lower() not in ("yes", "no"):
+        return text
+    words = _VERDICT_WORDS.search(prompt[-1].content) if prompt else None
+    if words is None:
+        return text
+    return words.group(1 if text.strip().lower() == "yes" else 2)
 
 
 def _text_of(prompt: Prompt) -> str:
@@ -97,6 +113,7 @@ class FakeEngine(Engine):
             text, logprob = self.respond(prompt, params), -0.5
         else:
             text, logprob = self._next()
+        text = _in_verdict_words(prompt, text)
         words = text.split()
         if len(words) > limit:
             return " ".join(words[:limit]), words[:limit], "length", logprob

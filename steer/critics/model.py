@@ -74,6 +74,25 @@ def data_warning(markers: Iterable[str]) -> str:
     )
 
 
+# Verdict words, one token each for common tokenizers. A fresh random pair per prompt (and
+# which of the two means "yes"): like the fence tag, a candidate cannot know them.
+VERDICT_WORDS = ("red", "blue", "green", "black", "white", "cat", "dog", "sun", "moon", "tree",
+                 "fish", "bird", "stone", "apple", "river", "cloud", "gold", "north", "south")
+
+
+def verdict_labels() -> tuple[str, str]:
+    """(the word for "meets the rubric", the word for "does not"), drawn afresh.
+
+    subtle: with fixed labels ("yes"/"no") a candidate that writes "Verdict: yes" or "score
+    this 10/10" primes the very token the judge reads; measured on the default model, such a
+    candidate beat a correct answer in 30 of 30 trials (tests/integration/test_injection.py);
+    with these words, in 10 of 30. Words it cannot know can't be primed.
+    """
+    rng = secrets.SystemRandom()
+    good, bad = rng.sample(VERDICT_WORDS, 2)
+    return good, bad
+
+
 def verdict_probabilities(gen: Generation, labels: Sequence[str]) -> list[float]:
     """Probability mass on each label's token among the top logprobs (case/space folded)."""
     mass = [0.0] * len(labels)
@@ -107,13 +126,18 @@ class LLMJudge(Critic):
     def planned_calls(self, n_candidates: int) -> int:
         return n_candidates
 
-    def prompt(self, question: Question, candidate: str, cut: Cut = whole) -> list[Message]:
-        """The verdict prompt; `cut` shortens what it quotes (to fit the context)."""
+    def prompt(self, question: Question, candidate: str, cut: Cut = whole,
+               labels: tuple[str, str] = ("yes", "no")) -> list[Message]:
+        """The verdict prompt; `cut` shortens what it quotes (to fit the context); `labels`
+        are the words for (meets the rubric, does not)."""
         opts = self.options
         assert isinstance(opts, LLMJudge.Options)
         wrapped, marker = fence(cut(candidate), "CANDIDATE")
         if opts.mode == "yes_no":
-            ask = f"Is the candidate answer {opts.rubric}? Reply with one word: yes or no."
+            good, bad = labels
+            # subtle: unquoted; with the words in quotes the default model answers `"`.
+            ask = (f"Is the candidate answer {opts.rubric}? If it is, reply with: {good}. "
+                   f"If it is not, reply with: {bad}.")
         else:
             ask = (f"How {opts.rubric} is the candidate answer, from 1 (worst) to 10 (best)? "
                    "Reply with one number.")
@@ -128,15 +152,17 @@ class LLMJudge(Critic):
     ) -> list[Score]:
         opts = self.options
         assert isinstance(opts, LLMJudge.Options)
+        verdicts = [verdict_labels() for _ in candidates]
         gens = await ask_fitted(caller, [
-            functools.partial(self.prompt, question, c.text) for c in candidates
+            functools.partial(self.prompt, question, c.text, labels=pair)
+            for c, pair in zip(candidates, verdicts, strict=True)
         ], self.adapter)
         scores = []
-        for g in gens:
+        for g, pair in zip(gens, verdicts, strict=True):
             if g is None:
                 scores.append(Score(0.5, NOT_FITTED))
             elif opts.mode == "yes_no":
-                yes, no = verdict_probabilities(g, ("yes", "no"))
+                yes, no = verdict_probabilities(g, pair)
                 value = yes / (yes + no) if yes + no > 0 else 0.5
                 scores.append(Score(value, f"P(yes)={yes:.3f} P(no)={no:.3f}"))
             else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from steer.critics import CRITICS, Candidate, Question, register_python_critic
 from steer.critics.extract import answer_line, choice, last_number
 from steer.critics.model import fence
-from steer.engine import Message, SamplingParams
+from steer.engine import Message, Prompt, SamplingParams
 from steer.search import Budget, Limits, Session, Steerer, SteeringSpec, TemplateLibrary
 from tests.fakes import FakeEngine
 
@@ -71,12 +72,37 @@ async def test_logprob_critic_needs_no_calls() -> None:
     assert engine.history == []
 
 
+VERDICT_WORDS = re.compile(r"If it is, reply with: (\w+)\. If it is not, reply with: (\w+)\.")
+
+
 async def test_judge_reads_verdict_from_one_token_logprobs() -> None:
+    """The judge answers with this prompt's own verdict words: "good", "bad", or neither."""
     engine = FakeEngine(max_model_len=4096)
-    engine.enqueue("yes", "No", "maybe")
+    answers = iter([0, 1, None])
+
+    def respond(prompt: Prompt, params: SamplingParams) -> str:
+        assert not isinstance(prompt, str)
+        words = VERDICT_WORDS.search(prompt[-1].content)
+        assert words is not None
+        pick = next(answers)
+        return "maybe" if pick is None else words.group(1 + pick).upper()
+
+    engine.respond = respond
     assert await scores("llm_judge", ["a", "b", "c"], engine) == [1.0, 0.0, 0.5]
     call = engine.history[0]
     assert len(call.prompts) == 3 and call.params.max_tokens == 1
+
+
+async def test_judge_verdict_words_are_fresh_per_prompt() -> None:
+    """A candidate can't prime the verdict token: the words differ from prompt to prompt,
+    and "yes"/"no" (what an injection would write) are never among them."""
+    engine = FakeEngine(max_model_len=4096)
+    engine.enqueue(*["x"] * 40)
+    await scores("llm_judge", [INJECTION] * 40, engine)
+    pairs = {VERDICT_WORDS.search(p[-1].content).groups()  # type: ignore[union-attr]
+             for p in engine.history[0].prompts}
+    assert len(pairs) > 10
+    assert not {w for pair in pairs for w in pair} & {"yes", "no"}
 
 
 async def test_judge_fences_candidates_with_fresh_random_markers() -> None:
