@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import random
 import secrets
 from collections.abc import Callable, Iterable, Sequence
 
@@ -88,9 +89,11 @@ def verdict_labels() -> tuple[str, str]:
     candidate beat a correct answer in 30 of 30 trials (tests/integration/test_injection.py);
     with these words, in 10 of 30. Words it cannot know can't be primed.
     """
-    rng = secrets.SystemRandom()
-    good, bad = rng.sample(VERDICT_WORDS, 2)
+    good, bad = _RNG.sample(VERDICT_WORDS, 2)
     return good, bad
+
+
+_RNG: random.Random = secrets.SystemRandom()  # tests may seed their own for repeatable runs
 
 
 def verdict_probabilities(gen: Generation, labels: Sequence[str]) -> list[float]:

@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 
+import steer.critics.model as model_critics
 from steer.critics import CRITICS, Candidate, Critic, Question
 from steer.engine import Message
 from steer.engine.default_model import prepare_default_model
@@ -148,9 +150,14 @@ async def all_trials() -> dict[str, list[Trial]]:
 
 @pytest.fixture(scope="module")
 def trials() -> Iterator[dict[str, list[Trial]]]:
-    """Both critics' trials, from one engine started (and stopped) for this module."""
+    """Both critics' trials, from one engine started (and stopped) for this module. The
+    judge's fresh verdict words come from a seeded generator, so a run can be repeated."""
     start = time.perf_counter()
-    results = asyncio.run(all_trials())
+    saved, model_critics._RNG = model_critics._RNG, random.Random(0)
+    try:
+        results = asyncio.run(all_trials())
+    finally:
+        model_critics._RNG = saved
     print(f"injection trials: {time.perf_counter() - start:.1f}s with engine start")
     yield results
 
