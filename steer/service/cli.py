@@ -44,7 +44,7 @@ SERVE_FLAGS: dict[str, dict[str, Any]] = {
     "max_n": {"type": int, "help": "largest n a request may ask for (16)"},
     "max_tokens_cap": {"type": int, "help": "largest max_tokens a request may ask for (4096)"},
     "drain_timeout_s": {"type": float, "help": "SIGTERM: seconds to let requests finish (30)"},
-    "max_body_bytes": {"type": int, "help": "larger request bodies get 413 (4194304)"},
+    "max_body_bytes": {"type": int, "help": "larger request bodies get 413 (1048576)"},
     "max_messages": {"type": int, "help": "messages in one chat request (512)"},
     "max_prompt_chars": {"type": int, "help": "characters of prompt text per request (131072)"},
     "max_prompts": {"type": int, "help": "prompts in one /v1/completions request (64)"},

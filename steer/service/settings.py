@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     max_queued_requests: int = Field(256, ge=0)
     max_n: int = Field(16, ge=1)
     max_tokens_cap: int = Field(4096, ge=1)
-    max_body_bytes: int = Field(4 * 2**20, ge=1024, description="larger bodies: 413")
+    max_body_bytes: int = Field(2**20, ge=1024, description="larger bodies: 413")
     max_messages: int = Field(512, ge=1, description="messages in one chat request")
     max_prompt_chars: int = Field(
         131072, ge=1, description="characters of prompt text in one request (all messages)"
