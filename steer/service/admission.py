@@ -4,7 +4,8 @@ HTTP requests there are.
 A request's work is the tokens it may make the engine process (sequences x max new tokens,
 plus its prompt), known before its first engine call. Rules, checked on arrival:
 
-- the server holds at most `capacity` tokens of work at once (admitted + queued);
+- the server runs at most `capacity` tokens of work at once (queued requests wait, bounded
+  by count: `max_queued`);
 - heavy requests (more than `light_work`, e.g. an amplified best-of-16) together hold at most
   `heavy_share` of it, so plain requests always find room while a flood of amplified ones is
   refused;

@@ -97,9 +97,10 @@ class Serving:
 
     def work(self, prompt_chars: int, sequences: int, max_tokens: int | None) -> int:
         """Tokens a request may make the engine process: every sequence's new tokens (the
-        server's cap when the request sets none) plus its prompt (~4 characters a token)."""
-        new = min(max_tokens or self.settings.max_tokens_cap, self.engine.max_model_len)
-        return sequences * new + prompt_chars // 4
+        server's cap when the request sets none) and its prompt (~4 characters a token), a
+        sequence never more than the context window (so one sequence is never "heavy")."""
+        new = max_tokens or self.settings.max_tokens_cap
+        return sequences * min(new + prompt_chars // 4, self.engine.max_model_len)
 
     def served_names(self) -> list[str]:
         """The names a request's `model` may use: the base model's, then every adapter's."""
@@ -296,8 +297,10 @@ class Serving:
                 item = await anext(stream, None)
 
         async def close() -> None:
-            await stream.aclose()  # on a client disconnect this aborts the engine request
-            self.admission.release(ticket)
+            try:
+                await stream.aclose()  # on a client disconnect this aborts the engine request
+            finally:
+                self.admission.release(ticket)  # even when aborting fails (a dead engine)
 
         return guarded_stream(events(), close, rid, prompt_param, self.settings, self.metrics)
 

@@ -189,8 +189,10 @@ class SteeredChat:
             return from_search_error(exc, rid)
 
         async def close() -> None:
-            await stream.aclose()  # cancels the search and aborts its engine calls
-            self.admission.release(ticket)
+            try:
+                await stream.aclose()  # cancels the search and aborts its engine calls
+            finally:
+                self.admission.release(ticket)  # even when aborting fails (a dead engine)
 
         settings = self.serving.settings
         return guarded_stream(events(), close, rid, "messages", settings, self.metrics,

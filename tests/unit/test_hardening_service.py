@@ -327,3 +327,4 @@ async def test_a_timeout_before_any_answer_names_whose_limit_it_was(
         assert (error["param"], error["code"]) == (param, code)
         assert "timeout_s" in str(error["message"])
         fake_engine.hold.set()
+
