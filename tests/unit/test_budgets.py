@@ -253,7 +253,7 @@ async def test_llm_judge_fits_long_candidates() -> None:
     engine = FakeEngine(max_model_len=SMALL_CONTEXT)
 
     def respond(prompt: Prompt, params: SamplingParams) -> str:
-        return "yes" if "one word: yes or no" in _text_of(prompt) else words(150) + " END"
+        return "yes" if "If it is, reply with:" in _text_of(prompt) else words(150) + " END"
 
     engine.respond = respond
     result = await run(steerer_for(engine), SteeringSpec(
@@ -297,7 +297,7 @@ async def test_reflection_fits_a_long_draft() -> None:
 
     def respond(prompt: Prompt, params: SamplingParams) -> str:
         text = _text_of(prompt)
-        if "one word: yes or no" in text:
+        if "If it is, reply with:" in text:
             return "no"
         if text.startswith("Review the answer"):
             return "too long"
