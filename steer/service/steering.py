@@ -85,8 +85,9 @@ class SteeredChat:
     traces: TraceStore
 
     def _trace(self, result: SteerResult, rid: str) -> dict[str, Any]:
-        self.traces.put(rid, result.trace)
-        return {"id": rid, **result.trace.to_dict()}
+        data = result.trace.to_dict()  # once: kept and returned
+        self.traces.put(rid, data)
+        return {"id": rid, **data}
 
     async def handle(self, req: ChatCompletionRequest, http: Request) -> Any:
         """Every chat completion: plain ones go straight to the engine, steered ones search."""

@@ -19,8 +19,8 @@ logger = logging.getLogger(__name__)
 class StoredTrace:
     """A trace as JSON text (its size is what the store counts) plus its DOT rendering."""
 
-    def __init__(self, trace: Trace) -> None:
-        self.json = json.dumps(trace.to_dict())
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.json = json.dumps(data)
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = json.loads(self.json)
@@ -47,8 +47,9 @@ class TraceStore:
         with self._lock:
             return int(self._cache.currsize)
 
-    def put(self, trace_id: str, trace: Trace) -> None:
-        stored = StoredTrace(trace)
+    def put(self, trace_id: str, trace: Trace | dict[str, Any]) -> None:
+        """Keep `trace` (or its `to_dict()`, when the caller already made it)."""
+        stored = StoredTrace(trace.to_dict() if isinstance(trace, Trace) else trace)
         if len(stored) > self.max_bytes:
             logger.info("trace %s (%d bytes) is larger than the trace store; not kept",
                         trace_id, len(stored))
