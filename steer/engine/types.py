@@ -39,6 +39,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: int | None = None  # None: off; k >= 0: the chosen token plus the top k
+    min_tokens: int = 0  # no stop string or end-of-sequence before this many tokens
 
 
 @dataclass(frozen=True)

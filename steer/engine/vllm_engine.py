@@ -254,6 +254,7 @@ class VllmEngine(Engine):
         return VllmSamplingParams(
             n=params.n,
             max_tokens=max_tokens,
+            min_tokens=min(params.min_tokens, max_tokens),
             temperature=params.temperature,
             top_p=params.top_p,
             top_k=params.top_k,

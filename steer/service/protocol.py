@@ -77,6 +77,7 @@ class _Sampling(_Request):
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
+    min_tokens: int | None = Field(None, ge=0)  # vLLM's: no stop or EOS before this many tokens
     steering: SteeringSpec | None = None
 
     def stop_list(self) -> tuple[str, ...]:

@@ -126,6 +126,8 @@ class Serving:
             raise bad_request(
                 f"{field} must be at most {self.settings.max_tokens_cap} on this server", field
             )
+        if req.min_tokens is not None and req.min_tokens > (limit or self.settings.max_tokens_cap):
+            raise bad_request(f"min_tokens must be at most {field}", "min_tokens")
         if limit is None:
             limit = self.settings.max_tokens_cap  # and the engine clamps it to the context
             clamp = True
@@ -144,6 +146,7 @@ class Serving:
             stop=req.stop_list(),
             seed=req.seed,
             logprobs=logprobs,
+            min_tokens=req.min_tokens or 0,
         )
 
     @staticmethod

@@ -48,7 +48,9 @@ def test_engine_core_killed_mid_request(server_factory: ServerFactory) -> None:
         ThreadPoolExecutor(1) as pool,
     ):
         in_flight = pool.submit(
-            oai.chat.completions.create, model=MODEL, messages=STORY, max_tokens=1000
+            # min_tokens: the story can't end (EOS) before the kill lands
+            oai.chat.completions.create, model=MODEL, messages=STORY, max_tokens=1000,
+            extra_body={"min_tokens": 1000},
         )
         wait_until(lambda: scrape(http).get("steer_engine_requests_running") == 1, 60,
                    "the request to reach the engine")

@@ -56,11 +56,22 @@ async def test_sampling_params_reach_the_engine(
         "n": 2, "max_completion_tokens": 7, "temperature": 0.3, "top_p": 0.9, "seed": -5,
         "stop": "END", "top_k": 20, "min_p": 0.1, "repetition_penalty": 1.1,
         "presence_penalty": 0.5, "frequency_penalty": -0.5, "logprobs": True, "top_logprobs": 2,
+        "min_tokens": 3,
     })
     p = fake_engine.history[-1].params
     assert (p.n, p.max_tokens, p.temperature, p.top_p, p.seed) == (2, 7, 0.3, 0.9, -5)
     assert (p.stop, p.top_k, p.min_p, p.repetition_penalty) == (("END",), 20, 0.1, 1.1)
-    assert (p.presence_penalty, p.frequency_penalty, p.logprobs) == (0.5, -0.5, 2)
+    assert (p.presence_penalty, p.frequency_penalty, p.logprobs, p.min_tokens) == (
+        0.5, -0.5, 2, 3)
+
+
+async def test_min_tokens_beyond_max_tokens_is_refused(client: httpx.AsyncClient) -> None:
+    r = await client.post(CHAT, json={
+        "model": "fake-model", "messages": [{"role": "user", "content": "x"}],
+        "max_tokens": 4, "min_tokens": 5,
+    })
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "min_tokens"
 
 
 async def test_defaults_when_fields_are_absent(
