@@ -14,7 +14,7 @@ projections of the top 12 layers, ~1.5 MB each as safetensors), with `manifest.j
 recording the seed, steps, losses, training time and the held-out check. Tests use them as
 they are: no training run.
 
-Run:  .venv/bin/pip install -e ".[train]"        (peft; torch stays 2.13.0+cpu)
+Run:  (peft and TRL are part of the main install)
       HF_HUB_OFFLINE=1 .venv/bin/python scripts/train_demo_adapters.py [--steps 80]
 Takes ~10-20 minutes on 2 busy cores; see manifest.json for the measured time.
 """

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -86,6 +86,20 @@ class Settings(BaseSettings):
     trace_store_bytes: int = Field(64 * 2**20, ge=0, description="serialized traces kept")
     trace_ttl_s: float = Field(3600.0, gt=0)
 
+    # The store (steer/store/) and the amplification loop (steer/training/)
+    database_url: str | None = Field(
+        None, description="SQLAlchemy async URL; unset: SQLite at <cache_dir>/steer.db"
+    )
+    store: Literal["off", "steered", "all"] = Field(
+        "off", description="store chat completions without `store: true`: steered ones, or all"
+    )
+    max_file_bytes: int = Field(64 * 2**20, ge=1024, description="largest upload to /v1/files")
+    fine_tuning: bool = Field(True, description="run an embedded training worker")
+    worker_threads: int = Field(1, ge=1, description="torch threads of a training worker")
+    adapter_sync_s: float = Field(
+        2.0, gt=0, description="how often the server loads adapters the store says are ready"
+    )
+
     @field_validator("lora_modules", mode="before")
     @classmethod
     def _parse_lora_modules(cls, value: object) -> object:
@@ -100,7 +114,11 @@ class Settings(BaseSettings):
         return self
 
     def lora_enabled(self) -> bool:
-        return self.enable_lora or bool(self.lora_modules) or self.admin_key is not None
+        return (self.enable_lora or self.fine_tuning or bool(self.lora_modules)
+                or self.admin_key is not None)
+
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.cache_dir.expanduser()}/steer.db"
 
     def adapters_dir(self) -> Path:
         return (self.adapter_root or self.cache_dir / "adapters").expanduser()
