@@ -33,3 +33,12 @@ async def client(fake_engine: FakeEngine, settings: Settings) -> AsyncIterator[h
     async with running(create_app(settings, fake_engine)) as c:
         yield c
 
+
+
+@pytest.fixture(autouse=True)
+def _private_database(tmp_path_factory: pytest.TempPathFactory,
+                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test's app (and any server it starts) gets its own SQLite store, never the
+    user's ~/.cache/steer/steer.db."""
+    db = tmp_path_factory.mktemp("store") / "steer.db"
+    monkeypatch.setenv("STEER_DATABASE_URL", f"sqlite+aiosqlite:///{db}")

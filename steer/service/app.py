@@ -42,6 +42,7 @@ from steer.service.serving import Serving
 from steer.service.settings import Settings
 from steer.service.steering import SteeredChat
 from steer.service.traces import TraceStore
+from steer.store import Database
 
 logger = logging.getLogger(__name__)
 
@@ -101,9 +102,11 @@ def create_app(
     traces = TraceStore(settings.trace_store_bytes, settings.trace_ttl_s,
                         max_traces=settings.trace_store_size or 1)
     chats = SteeredChat(serving, steerer, metrics, admission, traces)
+    db = Database(settings.db_url())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await db.start()  # migrations first: a schema the code can't use must stop the start
         state.task = asyncio.create_task(state.start())
         try:
             yield
@@ -111,12 +114,14 @@ def create_app(
             state.task.cancel()
             await registry.close()
             await engine.shutdown()
+            await db.close()
 
     app = FastAPI(title="Steer", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.engine_state = state
     app.state.admission = admission
     app.state.metrics = metrics
+    app.state.db = db
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(AdapterLeaseMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

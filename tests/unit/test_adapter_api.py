@@ -293,8 +293,11 @@ def test_cli_lora_flags(monkeypatch: pytest.MonkeyPatch) -> None:
         True, 2, 8, 3)
     monkeypatch.setenv("STEER_LORA_MODULES", "c=/y/c, d=/y/d")
     assert Settings().lora_modules == {"c": "/y/c", "d": "/y/d"}
-    assert not engine_config(Settings(lora_modules={}), "/m").enable_lora
-    assert engine_config(Settings(lora_modules={}, admin_key=SecretStr("k")), "/m").enable_lora
+    assert not engine_config(Settings(lora_modules={}, fine_tuning=False), "/m").enable_lora
+    assert engine_config(Settings(lora_modules={}, fine_tuning=False, admin_key=SecretStr("k")),
+                         "/m").enable_lora
+    # fine-tuned adapters are hot-loaded: fine-tuning (the default) turns LoRA on
+    assert engine_config(Settings(lora_modules={}), "/m").enable_lora
 
 
 @pytest.mark.parametrize("kwargs", [{"max_lora_rank": 12}, {"max_loras": 4, "max_cpu_loras": 2},

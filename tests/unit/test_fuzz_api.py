@@ -105,11 +105,14 @@ def steered(body: Any) -> bool:
 def beyond_the_document(case: schemathesis.Case) -> bool:
     """Is this a schema-valid request the server may still refuse with a 400, for a reason
     no schema can state? A steering spec (the search layer's plugins check rules across
-    options, the planned-call cap, a budget too small for any answer), or an adapter path
-    that is not an adapter directory on this machine."""
+    options, the planned-call cap, a budget too small for any answer), `min_tokens` above
+    the token limit, or an adapter path that is not an adapter directory on this machine."""
     if case.path == "/v1/load_lora_adapter":
         return not isinstance(case.body, dict) or case.body.get("lora_path") != ADAPTER
-    return case.path == "/v1/chat/completions" and steered(case.body)
+    generation = case.path in ("/v1/chat/completions", "/v1/completions")
+    return generation and isinstance(case.body, dict) and (
+        case.body.get("min_tokens") is not None
+        or (case.path == "/v1/chat/completions" and steered(case.body)))
 
 
 @schema.parametrize()
