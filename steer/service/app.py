@@ -38,11 +38,13 @@ from steer.service.protocol import (
     ModelCard,
     ModelList,
 )
+from steer.service.recorder import Recorder
 from steer.service.serving import Serving
 from steer.service.settings import Settings
 from steer.service.steering import SteeredChat
-from steer.service.traces import TraceStore
+from steer.service.traces import StoredTrace, TraceStore
 from steer.store import Database
+from steer.store.completions import find_trace
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +92,9 @@ def create_app(
     request_adapters = RequestAdapters(registry, metrics)
     admin = AdapterAdmin(registry, metrics)
     state = EngineState(engine, after_start=lambda: admin.load_startup(settings.lora_modules))
-    serving = Serving(engine, settings, metrics, admission, request_adapters)
+    db = Database(settings.db_url())
+    recorder = Recorder(db, settings.store, metrics)
+    serving = Serving(engine, settings, metrics, admission, request_adapters, recorder)
     templates = TemplateLibrary(settings.templates_dir)
     steerer = Steerer(
         engine,
@@ -102,11 +106,11 @@ def create_app(
     traces = TraceStore(settings.trace_store_bytes, settings.trace_ttl_s,
                         max_traces=settings.trace_store_size or 1)
     chats = SteeredChat(serving, steerer, metrics, admission, traces)
-    db = Database(settings.db_url())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await db.start()  # migrations first: a schema the code can't use must stop the start
+        recorder.start()
         state.task = asyncio.create_task(state.start())
         try:
             yield
@@ -114,6 +118,7 @@ def create_app(
             state.task.cancel()
             await registry.close()
             await engine.shutdown()
+            await recorder.close()  # flush stored completions before the store closes
             await db.close()
 
     app = FastAPI(title="Steer", version=__version__, lifespan=lifespan)
@@ -122,6 +127,7 @@ def create_app(
     app.state.admission = admission
     app.state.metrics = metrics
     app.state.db = db
+    app.state.recorder = recorder
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(AdapterLeaseMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
@@ -169,6 +175,8 @@ def create_app(
     @app.get("/v1/steering/traces/{trace_id}", dependencies=[Depends(authorized)])
     async def get_trace(trace_id: str, format: str = "json") -> Response:
         trace = traces.get(trace_id)
+        if trace is None and (kept := await find_trace(db, trace_id)) is not None:
+            trace = StoredTrace(kept)  # a stored completion's, after memory forgot it
         if trace is None:
             raise APIError(404, f"no stored trace '{trace_id}' (traces expire after "
                            f"{settings.trace_ttl_s:.0f}s)", type="not_found_error",

@@ -88,6 +88,13 @@ class _Sampling(_Request):
 
 # -- chat -------------------------------------------------------------------------------------
 
+# OpenAI's `metadata`: up to 16 string pairs, keys up to 64 characters, values up to 512.
+Metadata = Annotated[
+    dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+    Field(max_length=16),
+]
+
+
 
 class TextPart(_Request):
     type: Literal["text"]
@@ -116,6 +123,9 @@ class ChatCompletionRequest(_Sampling):
     # Other clients' ways to ask for steering (see steer.search.aliases).
     optillm_approach: str | None = None
     reasoning_effort: Literal["low", "medium", "high"] | None = None
+    # OpenAI's stored completions: keep this one (null: the server's STEER_STORE decides).
+    store: bool | None = None
+    metadata: Metadata | None = None
 
     def max_tokens_field(self) -> tuple[str, int | None]:
         """Which field set the completion limit (for error messages), and its value."""

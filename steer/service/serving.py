@@ -61,9 +61,12 @@ from steer.service.protocol import (
     new_id,
     now,
 )
+from steer.service.recorder import Finished, Recorder
 from steer.service.settings import Settings
 
 T = TypeVar("T")
+# A finished stream put back together: (renderer, text per choice, finish per choice, usage).
+OnEnd = Callable[["Renderer", dict[int, str], dict[int, str], Usage], None]
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 logger = logging.getLogger(__name__)
 
@@ -75,6 +78,15 @@ class Serving:
     metrics: Metrics
     admission: Admission
     adapters: RequestAdapters | None = None
+    recorder: Recorder | None = None
+
+    def record(self, item: Finished) -> None:
+        """Hand a finished answer to the store's writer (it decides whether to keep it)."""
+        if self.recorder is not None:
+            self.recorder.submit(item)
+
+    def storing(self, req: ChatCompletionRequest, steered: bool) -> bool:
+        return self.recorder is not None and self.recorder.wanted(req, steered)
 
     # -- checks ------------------------------------------------------------------------------
 
@@ -168,15 +180,28 @@ class Serving:
         messages = [to_message(m.role, m.text()) for m in req.messages]
         admit = Admit(self.work(sum(len(m.content) for m in messages), params.n,
                                 params.max_tokens), request_key(req.user))
+        adapter_name = adapter.name if adapter else None
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+            def stored(out: Renderer, texts: dict[int, str], finish: dict[int, str],
+                       usage: Usage) -> None:
+                assert isinstance(out, ChatRenderer)
+                self.record(Finished(req, ChatCompletion(
+                    id=out.id, created=out.created, model=req.model, usage=usage,
+                    choices=[ChatChoice(index=i, message=AssistantMessage(content=texts.get(i, "")),
+                                        finish_reason=finish.get(i, "stop"))
+                             for i in range(params.n)],
+                ), adapter_name))
+
             return await self._stream(
                 messages, params, CHAT, "messages", include_usage,
                 lambda: ChatRenderer(req.model), admit, adapter, req.max_tokens_field()[0],
+                on_end=stored if self.storing(req, steered=False) else None,
             )
         gens = await self._generate(http, [messages], params, CHAT, "messages", admit, adapter,
                                     req.max_tokens_field()[0])
-        return ChatCompletion(
+        completion = ChatCompletion(
             id=new_id("chatcmpl"),
             created=now(),
             model=req.model,
@@ -191,6 +216,8 @@ class Serving:
             ],
             usage=_usage(gens),
         )
+        self.record(Finished(req, completion, adapter_name))
+        return completion
 
     # -- completions -------------------------------------------------------------------------
 
@@ -264,6 +291,7 @@ class Serving:
         self, prompt: Prompt, params: SamplingParams, route: str, prompt_param: str,
         include_usage: bool, renderer: Callable[[], Renderer], admit: Admit,
         adapter: AdapterRef | None = None, max_tokens_param: str = "max_tokens",
+        on_end: OnEnd | None = None,
     ) -> EventSourceResponse:
         ticket = await self.admission.acquire(admit.work, admit.key)
         rid = new_id("req")
@@ -289,12 +317,21 @@ class Serving:
             for event in out.start(params.n):
                 yield event
             item: StreamDelta | StreamEnd | None = first
+            texts: dict[int, list[str]] = {}  # only kept when the answer is to be stored
+            finish: dict[int, str] = {}
             while item is not None:
                 if isinstance(item, StreamEnd):
                     self.metrics.count_tokens(route, item.prompt_tokens, item.completion_tokens)
+                    if on_end is not None:
+                        on_end(out, {i: "".join(t) for i, t in texts.items()}, finish,
+                               Usage.of(item.prompt_tokens, item.completion_tokens))
                     if include_usage:
                         yield out.usage(Usage.of(item.prompt_tokens, item.completion_tokens))
                     break
+                if on_end is not None:
+                    texts.setdefault(item.index, []).append(item.text)
+                    if item.finish_reason:
+                        finish[item.index] = item.finish_reason
                 for event in out.delta(item):
                     yield event
                 item = await anext(stream, None)

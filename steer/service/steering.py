@@ -7,7 +7,7 @@ The search itself is `steer.search`; this module only parses, admits, renders an
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,7 @@ from steer.service.protocol import (
     new_id,
     now,
 )
+from steer.service.recorder import Finished
 from steer.service.serving import (
     CHAT,
     Admit,
@@ -121,8 +122,18 @@ class SteeredChat:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             stream = self.steerer.stream(plan, messages, params, adapter, rid)
+
+            def stored(out: ChatRenderer, result: SteerResult,
+                       trace: dict[str, Any] | None) -> None:
+                self.serving.record(Finished(req, ChatCompletion(
+                    id=out.id, created=out.created, model=model, usage=_usage(result),
+                    choices=[ChatChoice(index=0, message=AssistantMessage(content=result.text),
+                                        finish_reason=result.finish_reason)],
+                ), adapter.name if adapter else None, spec, trace or result.trace, rid))
+
             return await self._stream(stream, plan.name, model, include_usage, rid,
-                                      plan.trace, admit)
+                                      plan.trace, admit,
+                                      stored if self.serving.storing(req, True) else None)
         ticket = await self.admission.acquire(admit.work, admit.key)
         start = time.perf_counter()
         try:
@@ -145,7 +156,10 @@ class SteeredChat:
             usage=_usage(result),
             steering_trace=self._trace(result, rid) if plan.trace else None,
         )
-        return JSONResponse(body.model_dump())
+        data = body.model_dump()
+        self.serving.record(Finished(req, data, adapter.name if adapter else None, spec,
+                                     body.steering_trace or result.trace, rid))
+        return JSONResponse(data)
 
     def _work(self, plan: Plan, params: SamplingParams, prompt_tokens: int) -> int:
         """What a search may ask of the engine, known before its first call: its planned
@@ -159,6 +173,8 @@ class SteeredChat:
     async def _stream(
         self, stream: AsyncGenerator[Progress | StreamDelta | SteerResult, None], name: str,
         model: str, include_usage: bool, rid: str, trace: bool, admit: Admit,
+        on_result: Callable[[ChatRenderer, SteerResult, dict[str, Any] | None], None] | None
+        = None,
     ) -> GuardedEventSource:
         # Validation is done (plan); headers go out now and progress streams as it happens.
         ticket = await self.admission.acquire(admit.work, admit.key)
@@ -181,6 +197,8 @@ class SteeredChat:
                 else:
                     self._count(name, item, time.perf_counter() - start)
                     extra = {"trace": self._trace(item, rid)} if trace else None
+                    if on_result is not None:
+                        on_result(out, item, extra["trace"] if extra else None)
                     yield out.finish(item.finish_reason, extra)
                     if include_usage:
                         yield out.usage(_usage(item))

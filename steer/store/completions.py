@@ -3,16 +3,23 @@ model/adapter, the strategy with its options and the full search trace.
 
 Metadata pairs live in their own table so `metadata[key]=value` filters are plain SQL on
 every database (no dialect JSON operators).
+
+Queries: `insert_completions` (a batch, from the server's background writer),
+`get_completion`, `list_completions` (cursor pages), `update_metadata`, `delete_completion`,
+`find_trace`, and `select_completions` (the filtered stream datasets are built from).
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Index, String
-from sqlalchemy.orm import Mapped, mapped_column, relationship
+from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Index, Select, String, select
+from sqlalchemy.orm import Mapped, defer, mapped_column, relationship
 
-from steer.store.db import Base
+from steer.store.db import Base, Database, NotFound
 
 
 class StoredCompletion(Base):
@@ -47,3 +54,173 @@ class CompletionMetadata(Base):
     completion: Mapped[StoredCompletion] = relationship(back_populates="pairs")
 
     __table_args__ = (Index("ix_completion_metadata_key_value", "key", "value"),)
+
+
+# -- queries ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NewCompletion:
+    """One finished chat completion to store (built by the server's writer)."""
+
+    id: str
+    created: int
+    model: str
+    request: dict[str, Any]
+    response: dict[str, Any]
+    usage: dict[str, Any] | None = None
+    adapter: str | None = None
+    strategy: str | None = None
+    steering: dict[str, Any] | None = None
+    trace_id: str | None = None
+    trace: dict[str, Any] | None = None
+    score: float | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Page:
+    """A page of a cursor-paginated listing (OpenAI's `has_more`)."""
+
+    rows: list[StoredCompletion]
+    has_more: bool
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which stored completions a dataset is built from (all given filters must hold)."""
+
+    metadata: dict[str, str] = field(default_factory=dict)
+    model: str | None = None
+    strategy: str | None = None
+    min_score: float | None = None
+    created_after: int | None = None
+    created_before: int | None = None
+
+
+_last_seq = 0
+
+
+def _next_seq() -> int:
+    """Insertion order: microseconds, bumped past the last one this process gave out (two
+    inserts in one microsecond still sort in the order they came)."""
+    global _last_seq
+    _last_seq = max(time.time_ns() // 1000, _last_seq + 1)
+    return _last_seq
+
+
+async def insert_completions(db: Database, items: Sequence[NewCompletion]) -> None:
+    """Insert a batch in one transaction."""
+    async with db.session() as s:
+        for item in items:
+            row = StoredCompletion(
+                id=item.id, created=item.created, seq=_next_seq(), model=item.model,
+                adapter=item.adapter, strategy=item.strategy, steering=item.steering,
+                request=item.request, response=item.response, usage=item.usage,
+                trace_id=item.trace_id, trace=item.trace, score=item.score,
+            )
+            row.pairs = [CompletionMetadata(key=k, value=v) for k, v in item.metadata.items()]
+            s.add(row)
+
+
+async def get_completion(db: Database, completion_id: str) -> StoredCompletion:
+    async with db.session() as s:
+        row = await s.get(StoredCompletion, completion_id, options=[defer(StoredCompletion.trace)])
+        if row is None:
+            raise NotFound("chat completion", completion_id)
+        return row
+
+
+def _with_metadata(query: Select[Any], metadata: dict[str, str]) -> Select[Any]:
+    # One IN (subquery) per pair: plain SQL on every database, and the (key, value) index.
+    for key, value in metadata.items():
+        query = query.where(StoredCompletion.id.in_(
+            select(CompletionMetadata.completion_id).where(
+                CompletionMetadata.key == key, CompletionMetadata.value == value)))
+    return query
+
+
+async def list_completions(
+    db: Database, *, model: str | None = None, metadata: dict[str, str] | None = None,
+    after: str | None = None, limit: int = 20, order: str = "asc",
+) -> Page:
+    """Stored completions in insertion order (`asc`) or newest first (`desc`), after the
+    completion `after` (NotFound if there is none), at most `limit`; traces not loaded."""
+    ascending = order == "asc"
+    query = select(StoredCompletion).options(defer(StoredCompletion.trace))
+    query = _with_metadata(query, metadata or {})
+    if model is not None:
+        query = query.where(StoredCompletion.model == model)
+    async with db.session() as s:
+        if after is not None:
+            cursor = await s.scalar(select(StoredCompletion.seq).where(
+                StoredCompletion.id == after))
+            if cursor is None:
+                raise NotFound("chat completion", after)
+            query = query.where(StoredCompletion.seq > cursor if ascending
+                                else StoredCompletion.seq < cursor)
+        seq = StoredCompletion.seq.asc() if ascending else StoredCompletion.seq.desc()
+        rows = list((await s.scalars(query.order_by(seq).limit(limit + 1))).all())
+    return Page(rows[:limit], len(rows) > limit)
+
+
+async def update_metadata(db: Database, completion_id: str,
+                          metadata: dict[str, str] | None) -> StoredCompletion:
+    """Replace a completion's metadata (OpenAI's update: the object given is the new one;
+    null clears it)."""
+    async with db.session() as s:
+        row = await s.get(StoredCompletion, completion_id, options=[defer(StoredCompletion.trace)])
+        if row is None:
+            raise NotFound("chat completion", completion_id)
+        row.pairs = []
+        await s.flush()  # the old pairs go before new ones with the same keys arrive
+        row.pairs = [CompletionMetadata(key=k, value=v) for k, v in (metadata or {}).items()]
+        await s.flush()
+        await s.refresh(row, ["pairs"])
+        return row
+
+
+async def delete_completion(db: Database, completion_id: str) -> None:
+    async with db.session() as s:
+        row = await s.get(StoredCompletion, completion_id)
+        if row is None:
+            raise NotFound("chat completion", completion_id)
+        await s.delete(row)
+
+
+async def find_trace(db: Database, trace_id: str) -> dict[str, Any] | None:
+    """The search trace a stored completion kept, by its trace id (None: not stored)."""
+    async with db.session() as s:
+        trace: dict[str, Any] | None = await s.scalar(
+            select(StoredCompletion.trace).where(StoredCompletion.trace_id == trace_id,
+                                                 StoredCompletion.trace.is_not(None)).limit(1))
+        return trace
+
+
+async def select_completions(
+    db: Database, selection: Selection, batch: int = 200
+) -> AsyncIterator[StoredCompletion]:
+    """Every stored completion `selection` matches, oldest first, traces included; read in
+    batches (keyset on insertion order), so a large store is never loaded at once."""
+    query = _with_metadata(select(StoredCompletion), selection.metadata)
+    if selection.model is not None:
+        query = query.where(StoredCompletion.model == selection.model)
+    if selection.strategy is not None:
+        query = query.where(StoredCompletion.strategy == selection.strategy)
+    if selection.min_score is not None:
+        query = query.where(StoredCompletion.score >= selection.min_score)
+    if selection.created_after is not None:
+        query = query.where(StoredCompletion.created >= selection.created_after)
+    if selection.created_before is not None:
+        query = query.where(StoredCompletion.created < selection.created_before)
+    cursor: int | None = None
+    while True:
+        page = query if cursor is None else query.where(StoredCompletion.seq > cursor)
+        async with db.session() as s:
+            rows = list((await s.scalars(
+                page.order_by(StoredCompletion.seq.asc()).limit(batch))).all())
+        for row in rows:
+            yield row
+        if len(rows) < batch:
+            return
+        cursor = rows[-1].seq
