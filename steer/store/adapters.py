@@ -1,18 +1,25 @@
 """Adapters Steer trained (fine-tuned models and round checkpoints) with their lineage.
 
-Every server serves every `ready` row (it syncs from here), so an adapter a worker trains is
-hot-loaded by each replica without an admin call. The lineage says where its priors came
-from: parent model, training files and their sources, grader, strategy, round, metrics.
+Every server serves every `ready` row whose base it serves (it syncs from here), so an
+adapter a worker trains is hot-loaded by each replica without an admin call. The lineage
+says where its priors came from: parent model, training files and their sources, grader,
+strategy, round, metrics. A server that refuses to load one (rank above its limit, shapes
+that don't fit its model) marks it `refused` with the reason, so the worker waiting for it
+fails its job with that reason instead of waiting forever.
+
+Statuses: ready -> deleted | refused.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, String
+from sqlalchemy import JSON, BigInteger, String, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
-from steer.store.db import Base
+from steer.store.db import Base, Conflict, Database, NotFound, now
+
+MAX_ANCESTORS = 32  # a lineage chain longer than this is cut (and says so)
 
 
 class TrainedAdapter(Base):
@@ -25,5 +32,78 @@ class TrainedAdapter(Base):
     parent: Mapped[str | None] = mapped_column(String(256))  # the model whose answers it learned
     path: Mapped[str] = mapped_column(String(2048))  # adapter directory (shared storage)
     kind: Mapped[str] = mapped_column(String(16))  # final | checkpoint
-    status: Mapped[str] = mapped_column(String(16), index=True)  # ready | deleted
+    status: Mapped[str] = mapped_column(String(16), index=True)  # ready | deleted | refused
     lineage: Mapped[dict[str, Any]] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(String(2048))  # why a server refused it
+
+
+async def record_adapter(
+    db: Database, *, name: str, job_id: str | None, base_model: str, parent: str | None,
+    path: str, kind: str, lineage: dict[str, Any],
+) -> TrainedAdapter:
+    """A new `ready` adapter; `Conflict` if the name is taken."""
+    async with db.session() as s:
+        if await s.get(TrainedAdapter, name) is not None:
+            raise Conflict(f"an adapter named '{name}' already exists")
+        row = TrainedAdapter(name=name, created_at=now(), job_id=job_id, base_model=base_model,
+                             parent=parent, path=path, kind=kind, status="ready",
+                             lineage=lineage)
+        s.add(row)
+    return row
+
+
+async def get_adapter(db: Database, name: str) -> TrainedAdapter:
+    async with db.session() as s:
+        row = await s.get(TrainedAdapter, name, populate_existing=True)
+        if row is None:
+            raise NotFound("trained adapter", name)
+        return row
+
+
+async def ready_adapters(db: Database, base_model: str | None = None) -> list[TrainedAdapter]:
+    """Every `ready` adapter (of `base_model`, when given), oldest first."""
+    async with db.session() as s:
+        query = select(TrainedAdapter).where(TrainedAdapter.status == "ready")
+        if base_model is not None:
+            query = query.where(TrainedAdapter.base_model == base_model)
+        return list((await s.scalars(query.order_by(TrainedAdapter.created_at,
+                                                    TrainedAdapter.name))).all())
+
+
+async def adapters_of_job(db: Database, job_id: str) -> list[TrainedAdapter]:
+    async with db.session() as s:
+        return list((await s.scalars(select(TrainedAdapter)
+                                     .where(TrainedAdapter.job_id == job_id)
+                                     .order_by(TrainedAdapter.created_at))).all())
+
+
+async def set_status(db: Database, name: str, status: str, error: str | None = None) -> None:
+    """`deleted` or `refused` (with the reason). Only a `ready` row changes: a refusal never
+    resurrects a deleted adapter."""
+    async with db.session() as s:
+        await s.execute(update(TrainedAdapter)
+                        .where(TrainedAdapter.name == name, TrainedAdapter.status == "ready")
+                        .values(status=status, error=error))
+
+
+async def ancestors(db: Database, name: str) -> list[dict[str, Any]]:
+    """The chain of models `name` descends from, nearest first: each trained ancestor with
+    its job, kind and status, ending with the first parent Steer did not train (the base)."""
+    chain: list[dict[str, Any]] = []
+    seen = {name}
+    async with db.session() as s:
+        row = await s.get(TrainedAdapter, name)
+        parent = row.parent if row is not None else None
+        while parent is not None:
+            if parent in seen or len(chain) >= MAX_ANCESTORS:
+                chain.append({"model": parent, "truncated": True})
+                break
+            seen.add(parent)
+            up = await s.get(TrainedAdapter, parent)
+            if up is None:
+                chain.append({"model": parent, "trained_by_steer": False})
+                break
+            chain.append({"model": up.name, "trained_by_steer": True, "job_id": up.job_id,
+                          "kind": up.kind, "status": up.status})
+            parent = up.parent
+    return chain
