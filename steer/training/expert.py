@@ -4,26 +4,7 @@ the base on everything kept, hot-load it, evaluate it in one call, repeat. Plus 
 label-free mode (Huang et al. 2022, "LLMs can self-improve"): no grader, the samples'
 majority answer is kept when its vote share reaches a threshold.
 
-The method, in OpenAI's shape with Steer's extras (validated by `parse_method`)::
-
-    {"type": "reinforcement", "reinforcement": {
-        "grader": <an OpenAI/Steer grader (steer.training.graders)>
-                | {"type": "agreement", "threshold": 0.5, "extract": "last_number"},
-        "hyperparameters": {
-            # OpenAI's, for each round's supervised training (and the search's width):
-            "n_epochs", "batch_size", "learning_rate_multiplier": int/float or "auto",
-            "compute_multiplier": scales `samples` ("auto" = 1),
-            "eval_interval", "eval_samples": "auto" only (one evaluation per round),
-            "reasoning_effort": "default" only,
-            # Steer's:
-            "rounds": 2, "samples": 8 (per prompt), "temperature": 0.7 (0.4 label-free:
-            DESIGN measured self-consistency at 0.4 above 0.8 on the default model),
-            "max_tokens": 128, "keep_per_prompt": null (all passing samples, deduped) or k,
-            "accumulate": true (train on every round's kept samples; false: this round's
-            only, as ReST-EM does), "concurrency": 16 (search requests in flight)},
-        "steering": null | a Steer steering spec for the search (strategy, options, critic,
-            budget, template); default best_of_n with n=samples and the grader as critic
-            (label-free: self_consistency with k=samples)}}
+The method's shape and defaults: `steer.training.expert_method`.
 
 Each round: search (Steer's own HTTP API, `ctx.steer`, traces on), keep, train, publish the
 round's adapter as a checkpoint `<final>:ckpt-round-<k>` (kind "checkpoint"; its lineage
@@ -33,9 +14,10 @@ one "metrics" event. The base is evaluated once first (round 0). The final model
 with the best validation accuracy (the later one on a tie; the last round with no validation
 file), published again under the job's `fine_tuned_model` name (kind "final").
 
-Exceptions: `MethodError(ValueError)` (a bad method, `param` names the field; raised before
-any work), `ExpertError` (the loop could not go on: every search request failed, nothing
-passed the grader), `ExpertCancelled` (the job was cancelled between or inside stages).
+Exceptions: `MethodError(ValueError)` (expert_method: a bad method, `param` names the
+field; raised before any work), `ExpertError` (the loop could not go on: every search
+request failed, nothing passed the grader), `ExpertCancelled` (the job was cancelled between
+or inside stages).
 """
 
 from __future__ import annotations
@@ -43,12 +25,21 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, Protocol
+from typing import Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel
 
 from steer.critics.extract import extractor
 from steer.training import graders
+from steer.training.expert_method import (
+    AgreementGrader,
+    Config,
+    Hyperparameters,
+    MethodError,
+    ReinforcementMethod,
+    SearchSpec,
+    parse_method,
+)
 from steer.training.rounds import (
     Candidate,
     Pool,
@@ -60,17 +51,6 @@ from steer.training.rounds import (
 )
 from steer.training.rows import to_trl_rows
 from steer.training.search_http import Cancelled, SteerCaller
-from steer.training.trainer import TrainSpec
-
-Auto = Literal["auto"]
-# "auto" is the trainer's measured default; a multiplier scales it (OpenAI's meaning).
-BASE_LEARNING_RATE = float(TrainSpec.model_fields["learning_rate"].default)
-
-
-class MethodError(ValueError):
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 class ExpertError(Exception):
@@ -78,138 +58,6 @@ class ExpertError(Exception):
 
 
 ExpertCancelled = Cancelled  # the job was cancelled; the loop stopped cleanly
-
-
-class _Closed(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class AgreementGrader(_Closed):
-    """Label-free: keep the samples whose extracted answer is the majority's, when its share
-    of all samples is at least `threshold`. `validation_grader` grades the validation file
-    (default: the extracted answer equals `{{item.reference}}`)."""
-
-    type: Literal["agreement"]
-    threshold: float = Field(default=0.5, ge=0.0, le=1.0)
-    extract: Literal["last_number", "answer_line", "choice", "regex"] = "last_number"
-    pattern: str | None = Field(default=None, max_length=500)
-    name: str | None = None
-    validation_grader: dict[str, Any] | None = None
-
-    @model_validator(mode="after")
-    def _pattern(self) -> AgreementGrader:
-        extractor(self.extract, self.pattern)  # ValueError when a regex is missing or bad
-        return self
-
-
-class Hyperparameters(_Closed):
-    n_epochs: Annotated[int, Field(ge=1, le=50)] | Auto = "auto"
-    batch_size: Annotated[int, Field(ge=1, le=256)] | Auto = "auto"
-    learning_rate_multiplier: Annotated[float, Field(gt=0.0, le=100.0)] | Auto = "auto"
-    compute_multiplier: Annotated[float, Field(gt=0.0, le=8.0)] | Auto = "auto"
-    eval_interval: Auto = "auto"
-    eval_samples: Auto = "auto"
-    reasoning_effort: Literal["default"] = "default"
-    rounds: int = Field(default=2, ge=1, le=20)
-    samples: int = Field(default=8, ge=1, le=64)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    max_tokens: int = Field(default=128, ge=1, le=4096)
-    keep_per_prompt: int | None = Field(default=None, ge=1, le=64)
-    accumulate: bool = True
-    concurrency: int = Field(default=16, ge=1, le=256)
-
-
-class SearchSpec(_Closed):
-    """A `steering` spec as a chat request takes it (the server validates its contents)."""
-
-    strategy: str = "best_of_n"
-    options: dict[str, Any] = Field(default_factory=dict)
-    critic: dict[str, Any] | None = None
-    budget: dict[str, Any] | None = None
-    template: dict[str, Any] | None = None
-
-
-class ReinforcementMethod(_Closed):
-    grader: dict[str, Any]
-    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
-    steering: SearchSpec | None = None
-
-
-@dataclass(frozen=True)
-class Config:
-    """A validated method: the grader parsed, defaults resolved."""
-
-    grader: Any  # a graders.Grader, or AgreementGrader for the label-free mode
-    validation_grader: Any  # what grades the validation file
-    hp: Hyperparameters
-    steering: SearchSpec | None
-    samples: int
-    temperature: float
-
-    @property
-    def label_free(self) -> bool:
-        return isinstance(self.grader, AgreementGrader)
-
-
-def _parse_grader(raw: Mapping[str, Any], param: str) -> Any:
-    try:
-        return graders.parse_grader(dict(raw), param)
-    except graders.GraderError as exc:
-        raise MethodError(str(exc), exc.param) from exc
-
-
-_BRANCHES = {"int", "float", "str", "bool", "none"}
-
-
-def _loc(exc: ValidationError) -> str:
-    """The first error's field path, without pydantic's union-branch tags
-    ("constrained-int", "literal['auto']")."""
-    parts = [str(p) for p in exc.errors()[0]["loc"]]
-    return ".".join(p for p in parts if not ("-" in p or "[" in p or p in _BRANCHES))
-
-
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    where = _loc(exc)
-    return f"{where}: {err['msg']}" if where else str(err["msg"])
-
-
-def parse_method(method: Mapping[str, Any]) -> Config:
-    """Validate a reinforcement `method` (MethodError names the bad field)."""
-    base = "method.reinforcement"
-    if method.get("type") != "reinforcement":
-        raise MethodError("method.type must be 'reinforcement' here", "method.type")
-    body = method.get("reinforcement")
-    if not isinstance(body, Mapping):
-        raise MethodError("method.reinforcement must be an object with a grader", base)
-    try:
-        parsed = ReinforcementMethod.model_validate(body)
-    except ValidationError as exc:
-        raise MethodError(_first_error(exc), f"{base}.{_loc(exc)}") from exc
-    hp = parsed.hyperparameters
-    if parsed.grader.get("type") == "agreement":
-        try:
-            grader: Any = AgreementGrader.model_validate(parsed.grader)
-        except (ValidationError, ValueError) as exc:
-            message = _first_error(exc) if isinstance(exc, ValidationError) else str(exc)
-            raise MethodError(message, f"{base}.grader") from exc
-        valid = _parse_grader(grader.validation_grader or _reference_grader(grader),
-                              f"{base}.grader.validation_grader")
-    else:
-        grader = valid = _parse_grader(parsed.grader, f"{base}.grader")
-    scale = 1.0 if hp.compute_multiplier == "auto" else hp.compute_multiplier
-    samples = max(1, min(64, round(hp.samples * scale)))
-    label_free = isinstance(grader, AgreementGrader)
-    temperature = hp.temperature if hp.temperature is not None else (0.4 if label_free else 0.7)
-    return Config(grader, valid, hp, parsed.steering, samples, temperature)
-
-
-def _reference_grader(g: AgreementGrader) -> dict[str, Any]:
-    critic: dict[str, Any] = {"name": "exact_answer", "reference": "{{item.reference}}",
-                              "extract": g.extract}
-    if g.pattern is not None:
-        critic["pattern"] = g.pattern
-    return {"type": "steer_critic", "critic": critic, "pass_threshold": 1.0}
 
 
 # -- what the loop needs from the worker (steer.training.worker.JobContext) ------------------
@@ -260,7 +108,7 @@ class _Loop:
         if spec is not None:
             out = spec.model_dump(exclude_none=True)
             if "critic" not in out and not cfg.label_free:
-                out["critic"] = graders.to_critic(cfg.grader, dict(item))
+                out["critic"] = self.critic(cfg.grader, item)
         elif cfg.label_free:
             g = cfg.grader
             opts: dict[str, Any] = {"k": cfg.samples, "temperature": cfg.temperature,
@@ -271,11 +119,27 @@ class _Loop:
         else:
             out = {"strategy": "best_of_n",
                    "options": {"n": cfg.samples, "temperature": cfg.temperature},
-                   "critic": graders.to_critic(cfg.grader, dict(item))}
+                   "critic": self.critic(cfg.grader, item)}
         return {**out, "trace": True}
 
-    def keep(self, item: Mapping[str, Any], cands: list[Candidate],
-             critic: str | None) -> tuple[list[Candidate], int]:
+    def critic(self, grader: Any, item: Mapping[str, Any]) -> dict[str, Any]:
+        return graders.to_critic(grader, dict(item), base_model=self.ctx.job.model)
+
+    async def scored(self, item: Mapping[str, Any], cands: list[Candidate]) -> list[Candidate]:
+        """`cands` with a grader score each where one can be had: the search's critic's, else
+        graded here (rule graders; one needing a model leaves the candidate unscored)."""
+        todo = [c.text for c in cands if c.score is None]
+        if not todo or self.cfg.label_free:
+            return cands
+        question = str(item["messages"][-1].get("content", ""))
+        try:
+            local = iter(await graders.grade(self.cfg.grader, dict(item), todo, question))
+        except graders.GraderError:
+            return cands
+        return [c if c.score is not None else Candidate(c.text, next(local)) for c in cands]
+
+    def keep(self, item: Mapping[str, Any], cands: list[Candidate]
+             ) -> tuple[list[Candidate], int]:
         """(the samples kept, how many passed) for one prompt's candidates."""
         cfg = self.cfg
         if cfg.label_free:
@@ -293,7 +157,9 @@ class _Loop:
         async def one(i: int) -> None:
             item = lines[i]
             spec = self.search_spec(item)
-            critic = None if self.cfg.label_free else spec.get("critic", {}).get("name")
+            # The trace's scores are the grader's only when the search's critic is the grader.
+            own = None if self.cfg.label_free else self.critic(self.cfg.grader, item)
+            critic = own["name"] if own is not None and spec.get("critic") == own else None
             body = {"model": model, "messages": item["messages"], "max_tokens": hp.max_tokens,
                     "temperature": self.cfg.temperature,
                     "seed": seed_for(self.ctx.job.seed, k, i), "steering": spec}
@@ -302,9 +168,8 @@ class _Loop:
                 stats.prompts_failed += 1
                 return
             stats.search_tokens += got.tokens
-            cands = answers_of(got.trace, got.content, critic)
-            kept, passed = self.keep(item, [c for c in cands if c.score is not None]
-                                     if critic else cands, critic)
+            cands = await self.scored(item, answers_of(got.trace, got.content, critic))
+            kept, passed = self.keep(item, cands)
             stats.candidates += len(cands)
             stats.passed += passed
             stats.kept_new += pool.add(i, kept, k)
@@ -331,7 +196,7 @@ class _Loop:
         async def one(i: int) -> None:
             nonlocal correct, graded, tokens
             item = lines[i]
-            critic = graders.to_critic(grader, dict(item))
+            critic = self.critic(grader, item)
             body = {"model": model, "messages": item["messages"],
                     "max_tokens": self.cfg.hp.max_tokens, "temperature": 0.0,
                     "seed": seed_for(self.ctx.job.seed, 0, i),
@@ -369,14 +234,22 @@ class _Loop:
             out["n_epochs"] = hp.n_epochs
         if hp.batch_size != "auto":
             out["batch_size"] = hp.batch_size
-        if hp.learning_rate_multiplier != "auto":
-            out["learning_rate"] = BASE_LEARNING_RATE * hp.learning_rate_multiplier
+        if hp.learning_rate_multiplier != "auto":  # JobContext scales the trainer's default
+            out["learning_rate_multiplier"] = hp.learning_rate_multiplier
         return out
 
 
 async def run(ctx: Context) -> str:
     """Run expert iteration for `ctx.job`; returns the final `fine_tuned_model` name."""
     cfg = parse_method(ctx.job.method)
+    if not ctx.training_lines:
+        raise ExpertError("the training file has no lines")
+    try:
+        if not cfg.label_free:
+            graders.check_items(cfg.grader, ctx.training_lines, "training_file")
+        graders.check_items(cfg.validation_grader, ctx.validation_lines, "validation_file")
+    except graders.GraderError as exc:
+        raise ExpertError(f"{exc.param}: {exc}") from exc
     caller = SteerCaller(ctx.steer, cfg.hp.concurrency, ctx.cancelled, ctx.event)
     loop = _Loop(ctx, cfg, caller, final_name(ctx.job))
     return await _run(loop)
@@ -455,13 +328,13 @@ async def _run(loop: _Loop) -> str:
 
 
 def _lineage(loop: _Loop, k: int, parent: str, stats: RoundStats) -> dict[str, Any]:
-    job, cfg = loop.ctx.job, loop.cfg
+    cfg = loop.cfg
     spec = loop.search_spec(loop.ctx.training_lines[0]) if loop.ctx.training_lines else {}
     spec.pop("critic", None)  # per item (the grader, filled from each line)
     sources = {r.model: r.kept_new for r in [*loop.rounds, stats] if r.kept_new}
+    # JobContext.publish merges this over the job's own lineage (base, data files, sources).
     return {
-        "method": "reinforcement", "round": k, "parent": parent, "base_model": job.model,
-        "training_file": job.training_file, "validation_file": job.validation_file,
+        "method": "reinforcement", "round": k, "parent": parent,
         "grader": _dump(cfg.grader), "strategy": spec,
         "samples_from": sources if cfg.hp.accumulate else {parent: stats.kept_new},
         "kept_samples": stats.kept_samples, "metrics": stats.data(),
@@ -471,3 +344,7 @@ def _lineage(loop: _Loop, k: int, parent: str, stats: RoundStats) -> dict[str, A
 def _dump(value: Any) -> Any:
     return value.model_dump(exclude_none=True) if isinstance(value, BaseModel) else value
 
+
+__all__ = ["AgreementGrader", "Config", "ExpertCancelled", "ExpertError",
+           "Hyperparameters", "MethodError", "ReinforcementMethod", "SearchSpec", "final_name",
+           "parse_method", "run"]
