@@ -49,10 +49,11 @@ class Recorder:
     """The bounded queue plus the background writer that empties it."""
 
     def __init__(self, db: Database, mode: str, metrics: Metrics, max_queue: int = 1024,
-                 batch: int = 64) -> None:
+                 batch: int = 64, linger_s: float = 0.05) -> None:
         self.db = db
         self.mode = mode
         self.batch = batch
+        self.linger_s = linger_s
         self.queue: asyncio.Queue[Finished] = asyncio.Queue(max_queue)
         self.task: asyncio.Task[None] | None = None
         self._dropped_since_warning = 0
@@ -116,6 +117,8 @@ class Recorder:
     async def _run(self) -> None:
         while True:
             items = [await self.queue.get()]
+            # Linger a moment so a busy server writes many answers per transaction.
+            await asyncio.sleep(self.linger_s)
             while len(items) < self.batch and not self.queue.empty():
                 items.append(self.queue.get_nowait())
             try:

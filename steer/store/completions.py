@@ -16,7 +16,17 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Index, Select, String, select
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Float,
+    ForeignKey,
+    Index,
+    Select,
+    String,
+    insert,
+    select,
+)
 from sqlalchemy.orm import Mapped, defer, mapped_column, relationship
 
 from steer.store.db import Base, Database, NotFound
@@ -110,17 +120,22 @@ def _next_seq() -> int:
 
 
 async def insert_completions(db: Database, items: Sequence[NewCompletion]) -> None:
-    """Insert a batch in one transaction."""
+    """Insert a batch in one transaction (two multi-row INSERTs: Core, not ORM objects, as
+    this runs beside the server's requests)."""
+    if not items:
+        return
+    rows = [{
+        "id": i.id, "created": i.created, "seq": _next_seq(), "model": i.model,
+        "adapter": i.adapter, "strategy": i.strategy, "steering": i.steering,
+        "request": i.request, "response": i.response, "usage": i.usage,
+        "trace_id": i.trace_id, "trace": i.trace, "score": i.score,
+    } for i in items]
+    pairs = [{"completion_id": i.id, "key": k, "value": v}
+             for i in items for k, v in i.metadata.items()]
     async with db.session() as s:
-        for item in items:
-            row = StoredCompletion(
-                id=item.id, created=item.created, seq=_next_seq(), model=item.model,
-                adapter=item.adapter, strategy=item.strategy, steering=item.steering,
-                request=item.request, response=item.response, usage=item.usage,
-                trace_id=item.trace_id, trace=item.trace, score=item.score,
-            )
-            row.pairs = [CompletionMetadata(key=k, value=v) for k, v in item.metadata.items()]
-            s.add(row)
+        await s.execute(insert(StoredCompletion), rows)
+        if pairs:
+            await s.execute(insert(CompletionMetadata), pairs)
 
 
 async def get_completion(db: Database, completion_id: str) -> StoredCompletion:
