@@ -373,3 +373,17 @@ def test_best_round_prefers_accuracy_then_the_later_round() -> None:
               validation_accuracy=0.5), RoundStats(3, "m", validation_accuracy=0.25)]
     assert best_round(rounds).round == 2
     assert best_round([RoundStats(1, "m"), RoundStats(2, "m")]).round == 2
+
+
+async def test_any_steering_spec_searches_and_the_grader_grades_its_answers(
+        client: httpx.AsyncClient, engine: ScriptedEngine, adapters: Path) -> None:
+    engine.samples = {"What is 2 + 3?": ["5", "so 5", "4"], "What is 4 + 4?": ["1", "2", "3"]}
+    body = method(rounds=1)
+    body["reinforcement"]["steering"] = {"strategy": "self_consistency", "options": {"k": 3}}
+    ctx = FakeContext(client, adapters, TRAIN, VALID, body)
+    await expert.run(ctx)
+    sampled = [c for c in engine.history if c.params.temperature]
+    assert [c.params.n for c in sampled] == [3, 3]  # the client's strategy, not best_of_n
+    (trained,) = ctx.trained
+    assert [r["completion"][0]["content"] for r in trained["rows"]] == ["5", "so 5"]
+    assert ctx.published[0]["lineage"]["strategy"]["strategy"] == "self_consistency"
