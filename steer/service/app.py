@@ -29,6 +29,7 @@ from steer.service.adapters import (
 )
 from steer.service.admission import Admission, WorkLimits
 from steer.service.errors import APIError, install_error_handlers
+from steer.service.fine_tuning import FineTuning, fine_tuning_router
 from steer.service.limits import BodyLimitMiddleware
 from steer.service.metrics import Metrics, MetricsMiddleware
 from steer.service.openapi import document as openapi_document
@@ -43,6 +44,7 @@ from steer.service.serving import Serving
 from steer.service.settings import Settings
 from steer.service.steering import SteeredChat
 from steer.service.traces import StoredTrace, TraceStore
+from steer.service.trained import TrainedAdapters
 from steer.store import Database
 from steer.store.completions import find_trace
 
@@ -106,15 +108,19 @@ def create_app(
     traces = TraceStore(settings.trace_store_bytes, settings.trace_ttl_s,
                         max_traces=settings.trace_store_size or 1)
     chats = SteeredChat(serving, steerer, metrics, admission, traces)
+    trained = TrainedAdapters(db, registry, metrics, lambda: engine.model_name,
+                              settings.adapter_sync_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await db.start()  # migrations first: a schema the code can't use must stop the start
         recorder.start()
         state.task = asyncio.create_task(state.start())
+        syncing = asyncio.create_task(trained.run(state.ready_event))
         try:
             yield
         finally:
+            syncing.cancel()
             state.task.cancel()
             await registry.close()
             await engine.shutdown()
@@ -152,6 +158,8 @@ def create_app(
 
     generation = [Depends(authorized), Depends(ready)]
     app.include_router(admin_router(admin, settings, ready))
+    app.include_router(fine_tuning_router(FineTuning(db, settings, lambda: engine.model_name)),
+                       dependencies=[Depends(authorized)])
 
     @app.post("/v1/chat/completions", dependencies=generation)
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
@@ -166,7 +174,7 @@ def create_app(
         root = engine.model_name  # the served name: --model may be a path on this server
         return ModelList(data=[ModelCard(
             id=engine.model_name, created=0, root=root, max_model_len=engine.max_model_len
-        ), *request_adapters.cards(engine.model_name)])
+        ), *trained.annotate(request_adapters.cards(engine.model_name))])
 
     @app.get("/v1/steering/templates", dependencies=[Depends(authorized)])
     async def list_templates() -> dict[str, Any]:

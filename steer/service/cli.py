@@ -1,4 +1,4 @@
-"""The `steer` command: `steer serve` and `steer models prepare`.
+"""The `steer` command: `steer serve`, `steer worker` and `steer models prepare`.
 
 Flags override `STEER_*` environment variables; both feed one frozen `Settings`.
 """
@@ -22,6 +22,7 @@ from steer.engine import Engine, InvalidAdapter
 from steer.engine.default_model import ModelPrepError, prepare_default_model
 from steer.engine.sequential import SequentialEngine
 from steer.engine.vllm_engine import VllmEngine, VllmEngineConfig
+from steer.service import worker_cli
 from steer.service.adapters import build_registry
 from steer.service.admission import Admission
 from steer.service.app import create_app
@@ -177,7 +178,12 @@ def serve(settings: Settings) -> int:
     )
     server = DrainingServer(config, app.state.admission, settings.drain_timeout_s)
     assert threading.current_thread() is threading.main_thread()
-    server.run()
+    worker = worker_cli.start_embedded(settings, model_path) if settings.fine_tuning else None
+    try:
+        server.run()
+    finally:
+        if worker is not None:
+            worker_cli.stop_embedded(worker)
     return 0
 
 
@@ -209,11 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
         "prepare", help="convert the embedded default model once (idempotent)"
     )
     prep_p.add_argument("--cache-dir", dest="cache_dir", default=None)
+    worker_cli.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "worker":  # its flags are not server settings
+        return worker_cli.run(args)
     overrides = {k: v for k, v in vars(args).items()
                  if v is not None and k not in ("command", "models_command")}
     settings = Settings(**overrides)

@@ -16,6 +16,7 @@ Decisions:
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Callable
 from typing import Any
@@ -40,7 +41,8 @@ from steer.store import Conflict, Database, NotFound
 from steer.store import adapters as adapter_store
 from steer.store import files as file_store
 from steer.store import jobs as job_store
-from steer.training import expert
+from steer.training import expert, graders
+from steer.training.formats import parse_lines
 
 # The line format each method trains on (steer.training.formats).
 KINDS = {"supervised": "sft", "dpo": "preference", "reinforcement": "graded"}
@@ -70,7 +72,12 @@ class FineTuning:
             raise bad_request(f"Model '{body.model}' is not available for fine-tuning on "
                               f"this server: it serves '{base}'.{hint}", "model",
                               code="model_not_available")
-        self._check_method(method)
+        config = self._check_method(method)
+        if config is not None and not config.label_free:
+            await self._check_items(config.grader, training.id, "training_file")
+        if config is not None and body.validation_file is not None:
+            await self._check_items(config.validation_grader, body.validation_file,
+                                    "validation_file")
         name_example = expert.final_name(_Named(base, body.suffix, "ftjob-" + "0" * 24))
         try:
             check_name(name_example)
@@ -108,14 +115,13 @@ class FineTuning:
             raise bad_request(f"File '{file_id}' has no lines.", param, code="empty_file")
         return stored
 
-    def _check_method(self, method: dict[str, Any]) -> None:
+    def _check_method(self, method: dict[str, Any]) -> expert.Config | None:
         kind = method["type"]
         if kind == "reinforcement":
             try:
-                expert.parse_method(method)
+                return expert.parse_method(method)
             except expert.MethodError as exc:
                 raise bad_request(str(exc), exc.param or "method.reinforcement") from exc
-            return
         hp = method[kind].get("hyperparameters", {})
         rank = hp.get("lora_rank")
         if rank is not None and rank > self.settings.max_lora_rank:
@@ -123,6 +129,17 @@ class FineTuning:
                 f"lora_rank {rank} exceeds this server's max LoRA rank "
                 f"{self.settings.max_lora_rank} (--max-lora-rank): the adapter could not be "
                 "served.", f"method.{kind}.hyperparameters.lora_rank", code="lora_rank_too_high")
+        return None
+
+    async def _check_items(self, grader: Any, file_id: str, param: str) -> None:
+        """Every line has the fields the grader reads (`{{item.x}}`)."""
+        content = await file_store.file_content(self.db, file_id)
+        lines = await asyncio.to_thread(parse_lines, content)
+        try:
+            graders.check_items(grader, lines, param)
+        except graders.GraderError as exc:
+            raise bad_request(f"File '{file_id}': {exc}", param, code="invalid_file_format"
+                              ) from exc
 
     async def get(self, job_id: str) -> FineTuningJob:
         return await self.render(await self._job(job_id))

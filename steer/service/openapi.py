@@ -47,6 +47,12 @@ ROUTE_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("get", "/v1/models"): (401, 500),
     ("get", "/v1/steering/templates"): (401, 500),
     ("get", "/v1/steering/traces/{trace_id}"): (400, 401, 404, 500),
+    ("post", "/v1/fine_tuning/jobs"): (*POST_ERRORS, 401, 404),
+    ("get", "/v1/fine_tuning/jobs"): (400, 401, 404, 500),
+    ("get", "/v1/fine_tuning/jobs/{fine_tuning_job_id}"): (401, 404, 500),
+    ("get", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events"): (400, 401, 404, 500),
+    ("post", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel"): (*POST_ERRORS, 401, 404, 409),
+    ("get", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints"): (400, 401, 404, 500),
     ("get", "/health"): (500,),
     ("get", "/metrics"): (500,),
 }

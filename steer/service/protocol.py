@@ -317,6 +317,7 @@ class ModelCard(BaseModel):
     root: str
     parent: str | None = None
     max_model_len: int | None = None
+    lineage: dict[str, Any] | None = None  # Steer's: a trained adapter's parent, data, metrics
 
 
 class ModelList(BaseModel):

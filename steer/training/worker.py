@@ -61,13 +61,17 @@ class WorkerConfig:
 
 
 class Worker:
-    def __init__(self, config: WorkerConfig, db: Database | None = None) -> None:
+    def __init__(self, config: WorkerConfig, db: Database | None = None,
+                 steer: httpx.AsyncClient | None = None) -> None:
+        """`db` and `steer` default to ones opened (and closed) from the config."""
         self.config = config
         self.db = db or Database(config.database_url)
         self._own_db = db is None
         headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-        self.steer = httpx.AsyncClient(base_url=config.server_url.rstrip("/"),
-                                       headers=headers, timeout=httpx.Timeout(600, connect=10))
+        self.steer = steer or httpx.AsyncClient(
+            base_url=config.server_url.rstrip("/"), headers=headers,
+            timeout=httpx.Timeout(600, connect=10))
+        self._own_steer = steer is None
 
     async def start(self) -> list[str]:
         """Migrate (idempotent) and recover: the jobs this worker's name owned, and any with
@@ -84,7 +88,8 @@ class Worker:
         return failed
 
     async def close(self) -> None:
-        await self.steer.aclose()
+        if self._own_steer:
+            await self.steer.aclose()
         if self._own_db:
             await self.db.close()
 

@@ -99,6 +99,7 @@ def upgrade() -> None:
     sa.Column('kind', sa.String(length=16), nullable=False),
     sa.Column('status', sa.String(length=16), nullable=False),
     sa.Column('lineage', sa.JSON(), nullable=False),
+    sa.Column('error', sa.String(length=2048), nullable=True),
     sa.PrimaryKeyConstraint('name', name=op.f('pk_trained_adapters'))
     )
     with op.batch_alter_table('trained_adapters', schema=None) as batch_op:

@@ -1,0 +1,224 @@
+"""The training worker against the in-process app (FakeEngine), with a fake trainer process
+(tests/unit/fake_trainer.py speaks the trainer's JSON-line protocol) as the test double at
+the subprocess boundary: success (events, the adapter hot-loaded with its lineage, served),
+a crash, an error event, a cancel that kills the trainer, a refused adapter, a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from steer.service.app import create_app
+from steer.service.settings import Settings
+from steer.store import Database
+from steer.store import adapters as adapter_store
+from steer.store import jobs as job_store
+from steer.training.worker import JobContext, Worker, WorkerConfig
+from tests.asgi import running
+from tests.fakes import FakeEngine
+from tests.lora_helpers import write_adapter
+from tests.unit.test_jobs import GRADED, SFT, add_file
+
+pytestmark = pytest.mark.anyio
+
+FAKE_TRAINER = (sys.executable, str(Path(__file__).with_name("fake_trainer.py")))
+
+
+@dataclass
+class Setup:
+    client: openai.AsyncOpenAI
+    http: httpx.AsyncClient
+    db: Database
+    worker: Worker
+    engine: FakeEngine
+    adapters: Path
+
+
+@pytest.fixture
+async def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Setup]:
+    adapters = tmp_path / "adapters"
+    monkeypatch.setenv("FAKE_ADAPTER", str(write_adapter(tmp_path / "template")))
+    settings = Settings(adapter_root=adapters, adapter_sync_s=0.05, max_lora_rank=16)
+    engine = FakeEngine()
+    async with running(create_app(settings, engine)) as http:
+        db: Database = http.app.state.db  # type: ignore[attr-defined]
+        config = WorkerConfig(database_url=db.url, server_url="http://steer",
+                              base_model_dir=str(tmp_path / "base"), adapters_dir=adapters,
+                              name="test-worker", poll_s=0.05, heartbeat_s=0.05,
+                              publish_timeout_s=10, trainer_command=FAKE_TRAINER)
+        worker = Worker(config, db=db, steer=http)
+        client = openai.AsyncOpenAI(base_url="http://steer/v1", api_key="unused",
+                                    http_client=http, max_retries=0)
+        yield Setup(client, http, db, worker, engine, adapters)
+
+
+async def sft_job(s: Setup, **kw: Any) -> str:
+    training = await add_file(s.db, "sft", SFT, SFT,
+                              source={"type": "stored_completions",
+                                      "filters": {"model": "fake-model"}})
+    job = await s.client.fine_tuning.jobs.create(
+        model="fake-model", training_file=training, suffix="adder",
+        method={"type": "supervised", "supervised": {"hyperparameters": {
+            "n_epochs": 1, "learning_rate_multiplier": 0.5}}}, **kw)
+    return job.id
+
+
+async def messages(s: Setup, job_id: str) -> list[str]:
+    events = [e async for e in s.client.fine_tuning.jobs.list_events(job_id, limit=100)]
+    return [e.message for e in reversed(events)]
+
+
+async def test_a_supervised_job_trains_publishes_and_serves(setup: Setup) -> None:
+    s = setup
+    validation = await add_file(s.db, "sft", SFT)
+    job_id = await sft_job(s, validation_file=validation)
+    assert await s.worker.run_once()
+    job = await s.client.fine_tuning.jobs.retrieve(job_id)
+    assert job.status == "succeeded", await messages(s, job_id)
+    assert job.fine_tuned_model == f"ft:fake-model:adder:{job_id}"
+    assert job.trained_tokens == 123 and job.finished_at is not None
+    events = [e async for e in s.client.fine_tuning.jobs.list_events(job_id, limit=100)]
+    metrics = [e.data for e in reversed(events) if e.type == "metrics"]
+    assert metrics[0] == {"step": 1, "train_loss": 2.5, "total_steps": 2,
+                          "learning_rate": 0.0005, "epoch": 0.5,
+                          "train_mean_token_accuracy": 0.4}
+    assert metrics[-1]["valid_loss"] == 1.5  # type: ignore[index]
+    assert events[0].message == "The job has successfully completed"
+    cards = {m.id: m for m in (await s.client.models.list()).data}
+    lineage = cards[job.fine_tuned_model].model_extra["lineage"]  # type: ignore[index]
+    assert lineage["parent"] == "fake-model" and lineage["method"] == "supervised"
+    assert lineage["data"]["training_file"]["source"]["filters"] == {"model": "fake-model"}
+    assert lineage["data"]["validation_file"]["id"] == validation
+    assert lineage["metrics"]["train_loss"] == 1.875
+    assert lineage["hyperparameters"]["learning_rate"] == 0.0005
+    assert lineage["ancestors"] == [{"model": "fake-model", "trained_by_steer": False}]
+    assert job.model_extra["lineage"]["model"] == job.fine_tuned_model  # type: ignore[index]
+    reply = await s.client.chat.completions.create(
+        model=job.fine_tuned_model, messages=[{"role": "user", "content": "2+2?"}])
+    assert reply.choices[0].message.content == "ok"
+    assert s.engine.history[-1].adapter is not None
+    assert s.engine.history[-1].adapter.name == job.fine_tuned_model
+    assert not await s.worker.run_once()  # nothing queued any more
+
+
+@pytest.mark.parametrize(("mode", "reason"), [
+    ("crash", "exited with status 3 without a result; stderr: Traceback"),
+    ("error", "out of memory: lower batch_size or max_length"),
+])
+async def test_a_failed_training_fails_the_job_with_its_reason(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch, mode: str, reason: str
+) -> None:
+    s = setup
+    monkeypatch.setenv("FAKE_TRAINER", mode)
+    job_id = await sft_job(s)
+    await s.worker.run_once()
+    job = await s.client.fine_tuning.jobs.retrieve(job_id)
+    assert job.status == "failed" and job.error is not None
+    assert reason in job.error.message and job.error.code == "training_failed"
+    assert "boom" in job.error.message or mode == "error"
+    assert reason in (await messages(s, job_id))[-1]
+    assert await adapter_store.adapters_of_job(s.db, job_id) == []
+    assert job.fine_tuned_model is None
+
+
+async def test_cancel_kills_the_trainer(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = setup
+    monkeypatch.setenv("FAKE_TRAINER", "hang")
+    job_id = await sft_job(s)
+    run = asyncio.create_task(s.worker.run_once())
+    async with asyncio.timeout(20):
+        while "Step 1/2" not in " ".join(await messages(s, job_id)):
+            await asyncio.sleep(0.05)
+        await s.client.fine_tuning.jobs.cancel(job_id)
+        await run  # the hanging trainer was killed, or this would wait 600 s
+    job = await s.client.fine_tuning.jobs.retrieve(job_id)
+    assert job.status == "cancelled"
+    assert (await messages(s, job_id))[-1].startswith("Training stopped")
+    assert await adapter_store.adapters_of_job(s.db, job_id) == []
+
+
+async def test_an_adapter_the_server_refuses_fails_the_job(
+    setup: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = setup
+    monkeypatch.setenv("FAKE_ADAPTER", str(write_adapter(tmp_path / "big", rank=32)))
+    job_id = await sft_job(s)
+    await s.worker.run_once()
+    job = await s.client.fine_tuning.jobs.retrieve(job_id)
+    assert job.status == "failed" and job.error is not None
+    assert "refused" in job.error.message and "rank 32" in job.error.message
+    [row] = await adapter_store.adapters_of_job(s.db, job_id)
+    assert row.status == "refused"
+    ids = [m.id for m in (await s.client.models.list()).data]
+    assert ids == ["fake-model"]
+
+
+async def test_a_deleted_adapter_is_unloaded(setup: Setup) -> None:
+    s = setup
+    job_id = await sft_job(s)
+    await s.worker.run_once()
+    name = (await s.client.fine_tuning.jobs.retrieve(job_id)).fine_tuned_model
+    assert name is not None
+    await adapter_store.set_status(s.db, name, "deleted")
+    async with asyncio.timeout(10):
+        while name in [m.id for m in (await s.client.models.list()).data]:
+            await asyncio.sleep(0.05)
+
+
+async def test_a_restarted_worker_fails_its_running_job_and_keeps_queued_ones(
+    setup: Setup
+) -> None:
+    s = setup
+    running_id, queued_id = await sft_job(s), await sft_job(s)
+    claimed = await job_store.claim_job(s.db, s.worker.config.name)  # then the worker "died"
+    assert claimed is not None and claimed.id == running_id
+    assert await s.worker.start() == [running_id]
+    job = await s.client.fine_tuning.jobs.retrieve(running_id)
+    assert job.status == "failed" and job.error is not None
+    assert job.error.code == "worker_restarted"
+    assert (await s.client.fine_tuning.jobs.retrieve(queued_id)).status == "queued"
+    assert await s.worker.run_once()
+    assert (await s.client.fine_tuning.jobs.retrieve(queued_id)).status == "succeeded"
+
+
+async def test_the_job_context_offers_what_the_expert_loop_uses(setup: Setup) -> None:
+    """A reinforcement job's context: lines, base dir, the server client, events, train and
+    publish of a round checkpoint (listed under /checkpoints)."""
+    s = setup
+    graded = await add_file(s.db, "graded", GRADED, GRADED)
+    created = await s.client.fine_tuning.jobs.create(
+        model="fake-model", training_file=graded, method={"type": "reinforcement",
+        "reinforcement": {"grader": {"type": "string_check", "name": "x",
+                                     "input": "{{sample.output_text}}",
+                                     "reference": "{{item.reference}}", "operation": "eq"}}})
+    job = await job_store.claim_job(s.db, s.worker.config.name)
+    assert job is not None and job.id == created.id
+    ctx: JobContext = await s.worker.context(job)
+    assert ctx.training_lines == [GRADED, GRADED] and ctx.validation_lines == []
+    assert ctx.base_model_dir == s.worker.config.base_model_dir
+    assert (await ctx.steer.get("/v1/models")).status_code == 200
+    assert not await ctx.cancelled()
+    await ctx.event("round 1: searched", {"round": 1}, type="metrics")
+    outcome = await ctx.train({"method": "sft", "seed": 3, "n_epochs": 1},
+                              [{"prompt": [{"role": "user", "content": "2+2?"}],
+                                "completion": [{"role": "assistant", "content": "4"}]}],
+                              "round-1")
+    assert outcome.adapter_dir.endswith("round-1") and outcome.train_loss == 1.875
+    assert outcome.trained_tokens == 123
+    name = await ctx.publish(outcome.adapter_dir, f"ft:fake-model::{job.id}:ckpt-round-1",
+                             "checkpoint", {"round": 1, "parent": "fake-model",
+                                            "metrics": {"train_loss": 1.875}})
+    assert name in [m.id for m in (await s.client.models.list()).data]
+    [ckpt] = (await s.client.fine_tuning.jobs.checkpoints.list(job.id)).data
+    assert ckpt.fine_tuned_model_checkpoint == name and ckpt.step_number == 1
+    assert ckpt.metrics.train_loss == 1.875
+    await s.client.fine_tuning.jobs.cancel(job.id)
+    assert await ctx.cancelled()
