@@ -59,11 +59,12 @@ class FineTuning:
         self.base_model = base_model
 
     async def create(self, body: FineTuningJobCreate) -> FineTuningJob:
-        method = _method(body)
-        kind = KINDS[method["type"]]
+        # The files first: an unknown one is a 404 whatever else the body says.
+        kind = KINDS[body.method.type if body.method is not None else "supervised"]
         training = await self._file(body.training_file, "training_file", kind)
         if body.validation_file is not None:
             await self._file(body.validation_file, "validation_file", kind)
+        method = _method(body)
         base = self.base_model()
         if body.model != base:
             hint = (" Steer trains from the base model; to learn from a fine-tuned model's "

@@ -11,9 +11,9 @@ server's LoRA rank limit, the grader) are checked by `fine_tuning.py`.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from steer.service.protocol import _Request
 
@@ -28,9 +28,26 @@ MetadataValue = Annotated[str, Field(max_length=512)]
 Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)]
 
 
-class Hyperparameters(_Request):
+class _Body(_Request):
+    """A request part whose integer fields (`_INTS`) take JSON's 2.0 as 2, like the chat
+    request's (`_Request` does it for plain `int` fields only)."""
+
+    _INTS: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _whole(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return {k: int(v) if k in cls._INTS and isinstance(v, float) and v.is_integer() else v
+                for k, v in data.items()}
+
+
+class Hyperparameters(_Body):
     """OpenAI's supervised hyperparameters (also the deprecated top-level field), plus the
     LoRA's rank and alpha (Steer's; the rank must fit the server's `max_lora_rank`)."""
+
+    _INTS = frozenset({"n_epochs", "batch_size", "lora_rank", "lora_alpha"})
 
     n_epochs: Epochs = "auto"
     batch_size: BatchSize = "auto"
@@ -59,7 +76,9 @@ class Method(_Request):
     reinforcement: dict[str, Any] | None = None
 
 
-class FineTuningJobCreate(_Request):
+class FineTuningJobCreate(_Body):
+    _INTS = frozenset({"seed"})
+
     model: Annotated[str, Field(min_length=1, max_length=256)]
     training_file: Annotated[str, Field(min_length=1, max_length=64)]
     validation_file: Annotated[str, Field(min_length=1, max_length=64)] | None = None
