@@ -29,6 +29,7 @@ from steer.service.adapters import (
 )
 from steer.service.admission import Admission, WorkLimits
 from steer.service.errors import APIError, install_error_handlers
+from steer.service.files_api import files_router
 from steer.service.fine_tuning import FineTuning, fine_tuning_router
 from steer.service.limits import BodyLimitMiddleware
 from steer.service.metrics import Metrics, MetricsMiddleware
@@ -136,7 +137,8 @@ def create_app(
     app.state.recorder = recorder
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(AdapterLeaseMiddleware)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       max_file_bytes=settings.max_file_bytes)
     install_error_handlers(app)
     app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
 
@@ -158,6 +160,7 @@ def create_app(
 
     generation = [Depends(authorized), Depends(ready)]
     app.include_router(admin_router(admin, settings, ready))
+    app.include_router(files_router(db, settings, authorized))
     app.include_router(fine_tuning_router(FineTuning(db, settings, lambda: engine.model_name)),
                        dependencies=[Depends(authorized)])
 

@@ -31,6 +31,10 @@ from steer.engine import (
 )
 from steer.search import BudgetExhausted, SearchError, SteeringInvalid
 from steer.service.protocol import ErrorBody, ErrorResponse
+from steer.store import Conflict, NotFound, StoreError
+from steer.store.files import FileInUse
+from steer.training.formats import FormatError
+from steer.training.graders import GraderError
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +111,31 @@ def from_adapter_error(exc: EngineError) -> APIError:
         return APIError(404, str(exc), type="not_found_error", param="lora_name",
                         code="adapter_not_found")
     return from_engine_error(exc)
+
+
+# The path parameter that names each kind of stored thing (for a 404's `param`).
+NOT_FOUND_PARAMS = {"file": "file_id"}
+
+
+def from_store_error(exc: StoreError) -> APIError:
+    """A store exception no route translated itself: an unknown id (404), a row in use (409)."""
+    if isinstance(exc, NotFound):
+        return APIError(404, str(exc), type="not_found_error",
+                        param=NOT_FOUND_PARAMS.get(exc.kind, f"{exc.kind.replace(' ', '_')}_id"),
+                        code=f"{exc.kind.replace(' ', '_')}_not_found")
+    if isinstance(exc, FileInUse):
+        return APIError(409, str(exc), type="conflict_error", param="file_id",
+                        code="file_in_use")
+    if isinstance(exc, Conflict):
+        return APIError(409, str(exc), type="conflict_error", code="conflict")
+    return internal_error(exc)
+
+
+def from_training_error(exc: FormatError | GraderError) -> APIError:
+    """A training file's bad line (`file`, or `purpose`) or a grader's bad field."""
+    if isinstance(exc, FormatError):
+        return bad_request(str(exc), exc.param, code="invalid_file_format")
+    return bad_request(str(exc), exc.param, code="invalid_grader")
 
 
 _FIELD = re.compile(r"^[a-z_][a-z0-9_]*$")
@@ -217,6 +246,15 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SearchError)
     async def _search(_: Request, exc: SearchError) -> JSONResponse:
         return from_search_error(exc).response()
+
+    @app.exception_handler(StoreError)
+    async def _store(_: Request, exc: StoreError) -> JSONResponse:
+        return from_store_error(exc).response()
+
+    @app.exception_handler(FormatError)
+    @app.exception_handler(GraderError)
+    async def _training(_: Request, exc: FormatError | GraderError) -> JSONResponse:
+        return from_training_error(exc).response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -20,22 +20,39 @@ def _too_large(limit: int) -> APIError:
                     "bytes).", code="request_too_large")
 
 
+def file_too_large(limit: int) -> APIError:
+    return APIError(413, f"The file is larger than this server accepts ({limit} bytes; "
+                    "STEER_MAX_FILE_BYTES).", param="file", code="file_too_large")
+
+
+# Room for the multipart framing around an upload's bytes (boundaries, part headers, purpose).
+UPLOAD_FRAMING_BYTES = 64 * 1024
+UPLOAD_PATH = "/v1/files"
+
+
 class BodyLimitMiddleware:
     """Refuses bodies over `max_bytes` with 413: at once when Content-Length says so, else
     as soon as the bytes received pass the limit. The body is read here, in full, before
-    the app sees it, so the app never parses a partial or oversized body."""
+    the app sees it, so the app never parses a partial or oversized body. A file upload
+    (`POST /v1/files`) may carry up to `max_file_bytes` of file instead."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, max_file_bytes: int | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.max_file_bytes = max_file_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
+        limit, refusal = self.max_bytes, _too_large(self.max_bytes)
+        if self.max_file_bytes is not None and scope["method"] == "POST" \
+                and scope["path"].rstrip("/") == UPLOAD_PATH:
+            limit = self.max_file_bytes + UPLOAD_FRAMING_BYTES
+            refusal = file_too_large(self.max_file_bytes)
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await _too_large(self.max_bytes).response()(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await refusal.response()(scope, receive, send)
             return
         chunks: list[bytes] = []
         size = 0
@@ -45,8 +62,8 @@ class BodyLimitMiddleware:
                 return
             body = message.get("body", b"")
             size += len(body)
-            if size > self.max_bytes:
-                await _too_large(self.max_bytes).response()(scope, receive, send)
+            if size > limit:
+                await refusal.response()(scope, receive, send)
                 return
             chunks.append(body)
             if not message.get("more_body", False):

@@ -53,6 +53,11 @@ ROUTE_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("get", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events"): (400, 401, 404, 500),
     ("post", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel"): (*POST_ERRORS, 401, 404, 409),
     ("get", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints"): (400, 401, 404, 500),
+    ("post", "/v1/files"): (*POST_ERRORS, 401),
+    ("get", "/v1/files"): (400, 401, 404, 500),
+    ("get", "/v1/files/{file_id}"): (401, 404, 500),
+    ("get", "/v1/files/{file_id}/content"): (401, 404, 500),
+    ("delete", "/v1/files/{file_id}"): (401, 404, 409, 500),
     ("get", "/health"): (500,),
     ("get", "/metrics"): (500,),
 }
@@ -60,9 +65,9 @@ DESCRIPTIONS = {
     400: "The request is invalid; `error.param` names the field.",
     401: "A missing or wrong API key (or admin key).",
     403: "The runtime adapter API is off: no admin key is configured.",
-    404: "An unknown model, adapter or trace.",
+    404: "An unknown model, adapter, trace, file or fine-tuning job.",
     409: "The adapter name is taken (or the adapter is in use).",
-    413: "The request body is larger than the server accepts.",
+    413: "The request body (or the uploaded file) is larger than the server accepts.",
     429: "The server is at capacity (or this key's share of it): retry later.",
     500: "A server bug; the message carries a request id.",
     503: "The model is loading, the engine is gone, the server is draining, or a server "

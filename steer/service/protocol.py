@@ -325,6 +325,37 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+# -- files ------------------------------------------------------------------------------------
+
+
+class FileObject(BaseModel):
+    """OpenAI's File object; `status` is always `processed` (validated before it is stored)."""
+
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: Literal["processed"] = "processed"
+    status_details: str | None = None
+    expires_at: int | None = None
+
+
+class FileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FileObject]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool
+
+
 class ErrorBody(BaseModel):
     message: str
     type: str

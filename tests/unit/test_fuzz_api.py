@@ -35,7 +35,9 @@ ADAPTERS = tempfile.TemporaryDirectory(prefix="steer-fuzz-")
 ADAPTER = str(write_adapter(Path(ADAPTERS.name) / "tone"))
 SETTINGS = Settings(max_n=4, max_tokens_cap=64, max_concurrent_requests=8,
                     max_queued_requests=8, api_key=SecretStr(API_KEY),
-                    admin_key=SecretStr(ADMIN_KEY), adapter_root=Path(ADAPTERS.name))
+                    admin_key=SecretStr(ADMIN_KEY), adapter_root=Path(ADAPTERS.name),
+                    # built at import, before the per-test store fixture: a store of its own
+                    database_url=f"sqlite+aiosqlite:///{ADAPTERS.name}/fuzz.db")
 CONFIG = {
     "seed": 9,
     "generation": {"max-examples": 40, "deterministic": True},
@@ -106,7 +108,10 @@ def beyond_the_document(case: schemathesis.Case) -> bool:
     """Is this a schema-valid request the server may still refuse with a 400, for a reason
     no schema can state? A steering spec (the search layer's plugins check rules across
     options, the planned-call cap, a budget too small for any answer), `min_tokens` above
-    the token limit, or an adapter path that is not an adapter directory on this machine."""
+    the token limit, an adapter path that is not an adapter directory on this machine, or an
+    uploaded file whose lines are not training lines."""
+    if case.path == "/v1/files" and case.method.upper() == "POST":
+        return True  # every line of the file is checked against a training format
     if case.path == "/v1/load_lora_adapter":
         return not isinstance(case.body, dict) or case.body.get("lora_path") != ADAPTER
     generation = case.path in ("/v1/chat/completions", "/v1/completions")

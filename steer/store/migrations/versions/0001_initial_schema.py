@@ -23,6 +23,7 @@ def upgrade() -> None:
     op.create_table('files',
     sa.Column('id', sa.String(length=64), nullable=False),
     sa.Column('created_at', sa.BigInteger(), nullable=False),
+    sa.Column('seq', sa.BigInteger(), nullable=False),
     sa.Column('filename', sa.String(length=512), nullable=False),
     sa.Column('purpose', sa.String(length=32), nullable=False),
     sa.Column('bytes', sa.BigInteger(), nullable=False),
@@ -35,6 +36,7 @@ def upgrade() -> None:
     with op.batch_alter_table('files', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_files_created_at'), ['created_at'], unique=False)
         batch_op.create_index(batch_op.f('ix_files_purpose'), ['purpose'], unique=False)
+        batch_op.create_index(batch_op.f('ix_files_seq'), ['seq'], unique=False)
 
     op.create_table('fine_tuning_jobs',
     sa.Column('id', sa.String(length=64), nullable=False),
@@ -187,6 +189,7 @@ def downgrade() -> None:
 
     op.drop_table('fine_tuning_jobs')
     with op.batch_alter_table('files', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_files_seq'))
         batch_op.drop_index(batch_op.f('ix_files_purpose'))
         batch_op.drop_index(batch_op.f('ix_files_created_at'))
 
