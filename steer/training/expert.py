@@ -272,7 +272,6 @@ async def _run(loop: _Loop) -> str:
     pool = Pool(cfg.hp.keep_per_prompt)
     prompts = [line["messages"] for line in ctx.training_lines]
     model = job.model
-    trained_on = -1  # the pool size the last adapter was trained on
     for k in range(1, cfg.hp.rounds + 1):
         await loop.check()
         stats = RoundStats(round=k, model=model)
@@ -288,13 +287,12 @@ async def _run(loop: _Loop) -> str:
                             level="warn")
             loop.rounds.append(stats)
             continue
-        if cfg.hp.accumulate and len(pool) == trained_on:
+        if cfg.hp.accumulate and stats.kept_new == 0 and loop.models:
             await ctx.event(f"round {k}: no new sample; the round keeps {model}")
             stats.checkpoint = model if model != job.model else None
             loop.rounds.append(stats)
             continue
         outcome = await loop.train(k, pool, stats, prompts)
-        trained_on = len(pool)
         await loop.check()
         lineage = _lineage(loop, k, model, stats)
         name = await ctx.publish(outcome.adapter_dir, f"{loop.final}:ckpt-round-{k}",
