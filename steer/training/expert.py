@@ -315,8 +315,9 @@ async def _run(loop: _Loop) -> str:
         raise ExpertError("no sample passed the grader in any round: nothing to train on")
     best = best_round(trained)
     chosen = loop.lineages[best.round]
+    # the checkpoint's lineage was written before its evaluation: the final one has it all
     final_lineage = {k: v for k, v in chosen.items() if k != "adapter_dir"} | {
-        "selected_round": best.round,
+        "selected_round": best.round, "metrics": best.data(),
         "rounds": [r.data() for r in loop.rounds]}
     name = await ctx.publish(chosen["adapter_dir"], loop.final, "final", final_lineage)
     await ctx.event(f"final model {name}: round {best.round}'s adapter"

@@ -213,6 +213,8 @@ async def test_round_two_searches_with_round_one_checkpoint_and_the_best_round_i
     final = ctx.published[-1]
     assert final["kind"] == "final" and final["dir"] == ckpts[0]["dir"]  # round 1 was best
     assert final["lineage"]["selected_round"] == 1
+    assert final["lineage"]["metrics"]["validation_accuracy"] == 1.0
+    assert final["lineage"]["parent"] == "fake-model"  # round 1 learned the base's answers
 
 
 async def test_label_free_keeps_only_majority_answers_above_threshold(
@@ -387,3 +389,13 @@ async def test_any_steering_spec_searches_and_the_grader_grades_its_answers(
     (trained,) = ctx.trained
     assert [r["completion"][0]["content"] for r in trained["rows"]] == ["5", "so 5"]
     assert ctx.published[0]["lineage"]["strategy"]["strategy"] == "self_consistency"
+
+
+async def test_a_round_with_no_new_sample_trains_nothing_and_keeps_the_last_adapter(
+        client: httpx.AsyncClient, engine: ScriptedEngine, adapters: Path) -> None:
+    engine.samples = {"What is 2 + 3?": ["5"], "What is 4 + 4?": ["8"]}
+    ctx = FakeContext(client, adapters, TRAIN, [], method(rounds=2))
+    assert await expert.run(ctx) == FINAL
+    assert len(ctx.trained) == 1
+    assert [p["kind"] for p in ctx.published] == ["checkpoint", "final"]
+    assert any("no new sample" in e["message"] for e in ctx.events)
