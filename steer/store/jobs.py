@@ -237,15 +237,16 @@ async def heartbeat(db: Database, job_id: str, worker: str) -> bool:
         return _rows(result) == 1
 
 
-async def recover(db: Database, *, worker: str, stale_s: float) -> list[str]:
-    """Fail the running jobs whose worker is gone: `worker`'s own (it is starting, so it runs
-    nothing) and any whose heartbeat is older than `stale_s`. Queued jobs stay queued."""
+async def recover(db: Database, *, stale_s: float, worker: str | None = None) -> list[str]:
+    """Fail the running jobs whose worker is gone: any whose heartbeat is older than
+    `stale_s`, and `worker`'s own (a worker starting runs nothing yet). Queued jobs stay
+    queued."""
     stale_before = now() - int(stale_s)
+    lost = or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale_before)
+    if worker is not None:
+        lost = or_(lost, Job.worker == worker)
     async with db.session() as s:
-        ids = list((await s.scalars(select(Job.id).where(
-            Job.status == "running",
-            or_(Job.worker == worker, Job.heartbeat_at.is_(None),
-                Job.heartbeat_at < stale_before)))).all())
+        ids = list((await s.scalars(select(Job.id).where(Job.status == "running", lost))).all())
     failed = []
     for job_id in ids:
         try:

@@ -106,8 +106,7 @@ class Worker:
     async def run_once(self) -> bool:
         """Claim and run one job; False when none was queued. Also fails stale jobs of
         other workers (a machine that died without a restart)."""
-        for job_id in await job_store.recover(self.db, worker=f"{self.config.name}:never",
-                                              stale_s=self.config.stale_s):
+        for job_id in await job_store.recover(self.db, stale_s=self.config.stale_s):
             await self._forget_adapters(job_id)
         job = await job_store.claim_job(self.db, self.config.name)
         if job is None:

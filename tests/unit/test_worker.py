@@ -222,3 +222,15 @@ async def test_the_job_context_offers_what_the_expert_loop_uses(setup: Setup) ->
     assert ckpt.metrics.train_loss == 1.875
     await s.client.fine_tuning.jobs.cancel(job.id)
     assert await ctx.cancelled()
+
+
+def test_steer_worker_takes_its_flags() -> None:
+    from steer.service.cli import build_parser
+
+    args = build_parser().parse_args([
+        "worker", "--database-url", "sqlite+aiosqlite:///x.db", "--server-url",
+        "http://10.0.0.2:8000", "--threads", "2", "--name", "gpu-box"])
+    assert (args.command, args.database_url, args.server_url, args.threads, args.name) == (
+        "worker", "sqlite+aiosqlite:///x.db", "http://10.0.0.2:8000", 2, "gpu-box")
+    with pytest.raises(SystemExit):  # the server to publish to is required
+        build_parser().parse_args(["worker"])
