@@ -172,10 +172,10 @@ async def run_job(client: AsyncOpenAI, family: str, train: list[dict[str, Any]],
         seed=args.seed,
         method={"type": "reinforcement", "reinforcement": {
             "grader": grader,
-            "hyperparameters": {"n_epochs": args.epochs, "batch_size": args.batch_size}}},
-        extra_body={"steering": {"rounds": args.rounds, "samples": args.samples,
-                                 "temperature": args.temperature,
-                                 "max_tokens": args.max_tokens}},
+            "hyperparameters": {"n_epochs": args.epochs, "batch_size": args.batch_size,
+                                "rounds": args.rounds, "samples": args.samples,
+                                "temperature": args.temperature,
+                                "max_tokens": args.max_tokens}}},
     )
     print(f"[{family}] job {job.id} created", flush=True)
     t0 = time.monotonic()
