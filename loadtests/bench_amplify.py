@@ -170,7 +170,7 @@ async def run_job(client: AsyncOpenAI, family: str, train: list[dict[str, Any]],
     job = await client.fine_tuning.jobs.create(
         model=MODEL, training_file=train_file.id, validation_file=val_file.id, suffix=suffix,
         seed=args.seed,
-        method={"type": "reinforcement", "reinforcement": {
+        method={"type": "reinforcement", "reinforcement": {  # type: ignore[arg-type]
             "grader": grader,
             "hyperparameters": {"n_epochs": args.epochs, "batch_size": args.batch_size,
                                 "rounds": args.rounds, "samples": args.samples,
