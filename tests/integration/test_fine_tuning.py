@@ -31,12 +31,12 @@ def test_a_supervised_job_trains_a_model_the_server_serves(
     client = openai_client(server)
     line = {"messages": [{"role": "user", "content": PROMPT},
                          {"role": "assistant", "content": ANSWER}]}
-    data = "".join(json.dumps(line) + "\n" for _ in range(16)).encode()
+    data = "".join(json.dumps(line) + "\n" for _ in range(32)).encode()
     uploaded = client.files.create(file=("cat.jsonl", io.BytesIO(data)), purpose="fine-tune")
     job = client.fine_tuning.jobs.create(
         model=MODEL, training_file=uploaded.id, suffix="cat", seed=3,
         method={"type": "supervised", "supervised": {"hyperparameters": {
-            "n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": 5}}})
+            "n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": 10}}})
     assert job.status == "queued"
 
     deadline = time.monotonic() + JOB_TIMEOUT_S
@@ -50,7 +50,7 @@ def test_a_supervised_job_trains_a_model_the_server_serves(
     assert job.fine_tuned_model == f"ft:{MODEL}:cat:{job.id}"
     losses = [e.data["train_loss"] for e in events  # type: ignore[index]
               if e.type == "metrics" and isinstance(e.data, dict) and "train_loss" in e.data]
-    assert len(losses) == 4 and all(loss > 0 for loss in losses), events
+    assert len(losses) == 8 and all(loss > 0 for loss in losses), events
 
     cards = {m.id: m for m in client.models.list().data}
     lineage = cards[job.fine_tuned_model].model_extra["lineage"]  # type: ignore[index]

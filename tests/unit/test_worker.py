@@ -234,3 +234,40 @@ def test_steer_worker_takes_its_flags() -> None:
         "worker", "sqlite+aiosqlite:///x.db", "http://10.0.0.2:8000", 2, "gpu-box")
     with pytest.raises(SystemExit):  # the server to publish to is required
         build_parser().parse_args(["worker"])
+
+
+def test_the_embedded_worker_dies_with_its_server(tmp_path: Path) -> None:
+    """`steer worker` in a server's tree (STEER_SERVER_PID, as `steer serve` exports it) ends
+    when the server is killed without a word (SIGKILL: no shutdown hook runs)."""
+    import os
+    import signal
+    import subprocess
+    import textwrap
+    import time
+
+    import psutil
+
+    server = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import subprocess, sys, time
+        from steer.engine import lifeline
+        lifeline.export_server()
+        worker = subprocess.Popen([sys.executable, "-m", "steer.service.cli", "worker",
+            "--database-url", "sqlite+aiosqlite:///{tmp_path / 'w.db'}",
+            "--server-url", "http://127.0.0.1:9", "--model-dir", "{tmp_path}"])
+        print(worker.pid, flush=True)
+        time.sleep(120)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        worker = psutil.Process(int(server.stdout.readline()))
+        time.sleep(2)  # the worker is up (its watcher thread started at once)
+        assert worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait(10)
+        worker.wait(20)  # psutil.TimeoutExpired if it outlived the server
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        if server.stdout is not None:
+            server.stdout.close()
