@@ -44,6 +44,7 @@ from steer.service.recorder import Recorder
 from steer.service.serving import Serving
 from steer.service.settings import Settings
 from steer.service.steering import SteeredChat
+from steer.service.stored import stored_router
 from steer.service.traces import StoredTrace, TraceStore
 from steer.service.trained import TrainedAdapters
 from steer.store import Database
@@ -126,6 +127,9 @@ def create_app(
             await registry.close()
             await engine.shutdown()
             await recorder.close()  # flush stored completions before the store closes
+            # subtle: a sync cancelled mid-query still closes its connection; disposing the
+            # engine under it leaves that close waiting forever (the event loop never ends)
+            await asyncio.gather(syncing, return_exceptions=True)
             await db.close()
 
     app = FastAPI(title="Steer", version=__version__, lifespan=lifespan)
@@ -163,6 +167,7 @@ def create_app(
     app.include_router(files_router(db, settings, authorized))
     app.include_router(fine_tuning_router(FineTuning(db, settings, lambda: engine.model_name)),
                        dependencies=[Depends(authorized)])
+    app.include_router(stored_router(db, [Depends(authorized)]))
 
     @app.post("/v1/chat/completions", dependencies=generation)
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:

@@ -1,4 +1,5 @@
-"""The `steer` command: `steer serve`, `steer worker` and `steer models prepare`.
+"""The `steer` command: `steer serve`, `steer worker`, `steer models prepare` and
+`steer data export`.
 
 Flags override `STEER_*` environment variables; both feed one frozen `Settings`.
 """
@@ -22,7 +23,7 @@ from steer.engine import Engine, InvalidAdapter
 from steer.engine.default_model import ModelPrepError, prepare_default_model
 from steer.engine.sequential import SequentialEngine
 from steer.engine.vllm_engine import VllmEngine, VllmEngineConfig
-from steer.service import worker_cli
+from steer.service import data_export, worker_cli
 from steer.service.adapters import build_registry
 from steer.service.admission import Admission
 from steer.service.app import create_app
@@ -215,13 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
         "prepare", help="convert the embedded default model once (idempotent)"
     )
     prep_p.add_argument("--cache-dir", dest="cache_dir", default=None)
+    data_export.add_parser(sub)
     worker_cli.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "worker":  # its flags are not server settings
+    if args.command == "data":  # its flags are not server settings
+        return data_export.export(args, Settings())  # type: ignore[call-arg]  # env-filled
+    if args.command == "worker":  # likewise
         return worker_cli.run(args)
     overrides = {k: v for k, v in vars(args).items()
                  if v is not None and k not in ("command", "models_command")}

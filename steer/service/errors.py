@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from steer.critics import CriticError
 from steer.engine import (
@@ -139,7 +140,7 @@ def from_training_error(exc: FormatError | GraderError) -> APIError:
 
 
 _FIELD = re.compile(r"^[a-z_][a-z0-9_]*$")
-_TYPE_TAGS = {"body", "str", "int", "float", "bool", "list", "dict", "none"}
+_TYPE_TAGS = {"body", "query", "path", "str", "int", "float", "bool", "list", "dict", "none"}
 
 
 def from_search_error(exc: Exception, request_id: str | None = None) -> APIError:
@@ -261,15 +262,26 @@ def install_error_handlers(app: FastAPI) -> None:
         return validation_error(exc).response()
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         # subtle: keep Starlette's headers (a 405's Allow, which RFC 9110 requires)
-        return APIError(exc.status_code, str(exc.detail), type=kind,
-                        headers=dict(exc.headers) if exc.headers else None).response()
+        headers = dict(exc.headers) if exc.headers else None
+        if exc.status_code == 405:  # Starlette's Allow names the first route on the path only
+            headers = {**(headers or {}), "Allow": _allowed(request)}
+        return APIError(exc.status_code, str(exc.detail), type=kind, headers=headers).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         return internal_error(exc).response()
+
+
+def _allowed(request: Request) -> str:
+    """Every method some route on this path answers (GET and POST /v1/chat/completions are
+    two routes)."""
+    methods = {m for route in request.app.router.routes
+               if route.matches(request.scope)[0] != Match.NONE
+               for m in getattr(route, "methods", None) or ()}
+    return ", ".join(sorted(methods))
 
 
 def sse_error(err: APIError) -> str:

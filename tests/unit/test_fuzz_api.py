@@ -114,6 +114,8 @@ def beyond_the_document(case: schemathesis.Case) -> bool:
         return True  # every line of the file is checked against a training format
     if case.path == "/v1/load_lora_adapter":
         return not isinstance(case.body, dict) or case.body.get("lora_path") != ADAPTER
+    if case.path == "/v1/steering/datasets":
+        return True  # valid filters may match no stored completion: a 400 that says so
     generation = case.path in ("/v1/chat/completions", "/v1/completions")
     return generation and isinstance(case.body, dict) and (
         case.body.get("min_tokens") is not None
