@@ -259,14 +259,13 @@ async def test_cancel_stops_between_stages(
 async def test_busy_server_is_retried(tmp_path: Path, adapters: Path,
                                       engine: ScriptedEngine) -> None:
     engine.samples = {q["messages"][0]["content"]: ["5", "8"] for q in TRAIN}
-    engine.hold = asyncio.Event()  # the first request holds the server's only slot a while
-    asyncio.get_running_loop().call_later(0.2, engine.hold.set)
-
     async def never() -> bool:
         return False
 
     async for c in _client(tmp_path, adapters, engine, max_concurrent_requests=1,
                            max_queued_requests=0):
+        engine.hold = asyncio.Event()  # the first request holds the only slot a while
+        asyncio.get_running_loop().call_later(0.3, engine.hold.set)
         caller = SteerCaller(c, 2, never, poll_s=0.0)
         got = await _gather(caller, [{"model": "fake-model", "max_tokens": 4, "messages": [
             {"role": "user", "content": f"q{i}"}]} for i in range(4)])
