@@ -72,7 +72,8 @@ DESCRIPTIONS = {
     401: "A missing or wrong API key (or admin key).",
     403: "The runtime adapter API is off: no admin key is configured.",
     404: "An unknown model, adapter, trace, file or fine-tuning job.",
-    409: "The adapter name is taken (or the adapter is in use).",
+    409: "The adapter name is taken (or the adapter is in use), the job has finished, or "
+         "an unfinished job uses the file.",
     413: "The request body (or the uploaded file) is larger than the server accepts.",
     429: "The server is at capacity (or this key's share of it): retry later.",
     500: "A server bug; the message carries a request id.",
