@@ -56,6 +56,7 @@ from steer.engine.base import InvalidAdapter
 from steer.engine.lora_files import CONFIG_FILE, WEIGHTS_FILE, ModelModules, inspect_adapter
 from steer.training.rows import RowError, read_rows
 
+
 class TrainSpec(BaseModel):
     """One training run. Paths are absolute or relative to the process's working dir."""
 
@@ -288,7 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     # The last line of defence of a process whose only contract is "events out": whatever
     # broke (a RuntimeError from torch, an OSError on disk, a bug) is reported, not lost.
     except Exception as exc:
-        events.emit("error", message=f"{type(exc).__name__}: {exc}")
+        message = f"{type(exc).__name__}: {exc}"
+        if "allocate memory" in str(exc):  # torch's CPU allocator says OOM this way
+            message = f"out of memory (lower batch_size or max_length): {message}"
+        events.emit("error", message=message)
     return 1
 
 
