@@ -121,7 +121,8 @@ class SteerCaller:
             while queue:
                 if await self.stopped():
                     return
-                await fn(queue.pop())
+                if queue:  # subtle: another worker may have taken the last item meanwhile
+                    await fn(queue.pop())
 
         await asyncio.gather(*(worker() for _ in range(min(self.concurrency, len(queue)))))
         if self._stop:

@@ -309,6 +309,24 @@ async def test_429_backs_off_as_retry_after_says_and_errors_fail_one_item() -> N
         assert caller.last_error == "HTTP 400: prompt too long"
 
 
+async def test_map_runs_every_item_once_when_workers_race_for_the_last_ones() -> None:
+    """Found by the benchmark: a worker that waited on the cancel poll popped an empty
+    queue (IndexError failed the job) when other workers had taken the last items."""
+    async def slow_never() -> bool:
+        await asyncio.sleep(0.01)
+        return False
+
+    done: list[int] = []
+
+    async def one(i: int) -> None:
+        done.append(i)
+
+    async with httpx.AsyncClient(base_url="http://steer") as c:
+        caller = SteerCaller(c, 16, slow_never, poll_s=0.0)
+        await caller.map(one, range(5))
+    assert sorted(done) == [0, 1, 2, 3, 4]
+
+
 def test_retry_after_reads_seconds_or_backs_off() -> None:
     assert retry_after(httpx.Response(429, headers={"Retry-After": "3"}), 0) == 3.0
     assert retry_after(httpx.Response(429), 0) == 0.25
