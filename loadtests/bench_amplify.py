@@ -34,6 +34,7 @@ import re
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from harness import (
@@ -159,7 +160,7 @@ async def one_call(client: AsyncOpenAI, model: str, items: list[dict[str, Any]],
 
 async def run_job(client: AsyncOpenAI, family: str, train: list[dict[str, Any]],
                   val: list[dict[str, Any]], grader: dict[str, Any], suffix: str,
-                  args: argparse.Namespace) -> dict[str, Any]:
+                  rounds: int, args: argparse.Namespace) -> dict[str, Any]:
     """Upload, create the reinforcement job, follow its events until it ends."""
     train_file = await client.files.create(
         file=(f"{suffix}-train.jsonl", io.BytesIO(jsonl([graded_line(i) for i in train]))),
@@ -173,9 +174,10 @@ async def run_job(client: AsyncOpenAI, family: str, train: list[dict[str, Any]],
         method={"type": "reinforcement", "reinforcement": {  # type: ignore[arg-type]
             "grader": grader,
             "hyperparameters": {"n_epochs": args.epochs, "batch_size": args.batch_size,
-                                "rounds": args.rounds, "samples": args.samples,
+                                "rounds": rounds, "samples": args.samples,
                                 "temperature": args.temperature,
-                                "max_tokens": args.max_tokens}}},
+                                "max_tokens": args.max_tokens,
+                                "concurrency": args.concurrency}}},
     )
     print(f"[{family}] job {job.id} created", flush=True)
     t0 = time.monotonic()
@@ -191,18 +193,26 @@ async def run_job(client: AsyncOpenAI, family: str, train: list[dict[str, Any]],
             break
         await asyncio.sleep(5)
     all_events = [e async for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
-    rounds = sorted((e.data for e in all_events
+    per_round = sorted((e.data for e in all_events
                      if e.type == "metrics" and isinstance(e.data, dict) and "round" in e.data
                      and "validation_accuracy" in e.data), key=lambda d: d["round"])
     checkpoints = [c async for c in client.fine_tuning.jobs.checkpoints.list(job.id)]
     return {"job": job.id, "status": job.status, "error": job.error and job.error.message,
             "fine_tuned_model": job.fine_tuned_model, "seconds": time.monotonic() - t0,
-            "rounds": rounds,
+            "rounds": per_round,
             "checkpoints": sorted((c.step_number, c.fine_tuned_model_checkpoint)
                                   for c in checkpoints)}
 
 
+def save(out: dict[str, Any], args: argparse.Namespace) -> Path:
+    path = RESULTS_DIR / ("bench_amplify_quick.json" if args.quick else "bench_amplify.json")
+    RESULTS_DIR.mkdir(exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
+    return path
+
+
 async def bench(port: int, args: argparse.Namespace) -> dict[str, Any]:
+    deadline = time.monotonic() + args.deadline_min * 60  # no new job after it
     client = async_client(port, timeout=args.request_timeout)
     test = {f: make_items(f, args.test_items, args.seed + 1000, set()) for f in FAMILIES}
     held_out = {i["question"] for items in test.values() for i in items}
@@ -218,11 +228,16 @@ async def bench(port: int, args: argparse.Namespace) -> dict[str, Any]:
                 steering={"strategy": "best_of_n", "options": {"n": args.samples}}),
         }
         print(f"[{f}] baseline {json.dumps(out['baseline'][f])}", flush=True)
-    runs = [(f, EXACT, f"{f[:4]}") for f in FAMILIES]
+    runs = [(f, EXACT, f"{f[:4]}", args.rounds) for f in FAMILIES]
     if args.label_free:
-        runs.append(("word", AGREEMENT, "word-free"))
-    for family, grader, suffix in runs:
-        result = await run_job(client, family, train[family], val[family], grader, suffix, args)
+        runs.append(("word", AGREEMENT, "word-free", args.label_free_rounds))
+    for family, grader, suffix, rounds in runs:
+        if time.monotonic() > deadline:
+            print(f"deadline: {suffix} not run", flush=True)
+            out["skipped"] = [*out.get("skipped", []), suffix]
+            continue
+        result = await run_job(client, family, train[family], val[family], grader, suffix,
+                               rounds, args)
         out["jobs"][suffix] = result | {"family": family, "grader": grader["type"]}
         models = [name for _, name in result["checkpoints"]]
         if result["fine_tuned_model"] and result["fine_tuned_model"] not in models:
@@ -232,6 +247,7 @@ async def bench(port: int, args: argparse.Namespace) -> dict[str, Any]:
                 "job": suffix, "family": family,
                 **{f: await one_call(client, name, test[f], args) for f in FAMILIES}}
             print(f"[{family}] {name}: {json.dumps(out['adapters'][name])}", flush=True)
+        save(out, args)  # what is measured so far survives a cut-off run
     await client.close()
     return out
 
@@ -285,13 +301,16 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=64)  # the model's right answers are short
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--worker-threads", type=int, default=2)
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--no-label-free", dest="label_free", action="store_false")
+    p.add_argument("--label-free-rounds", type=int, default=1)
+    p.add_argument("--deadline-min", type=float, default=50,
+                   help="start no new fine-tuning job after this many minutes")
     p.add_argument("--request-timeout", type=float, default=600)
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     args = p.parse_args()
@@ -320,10 +339,8 @@ def main() -> int:
         store.cleanup()
     out["run"] = {"args": vars(args), "machine": machine(), "elapsed_s": time.monotonic() - t0}
     report(out)
-    name = "bench_amplify_quick.json" if args.quick else "bench_amplify.json"
-    RESULTS_DIR.mkdir(exist_ok=True)
-    (RESULTS_DIR / name).write_text(json.dumps(out, indent=2))
-    print(f"\n{out['run']['elapsed_s'] / 60:.1f} min; JSON: {RESULTS_DIR / name}")
+    path = save(out, args)
+    print(f"\n{out['run']['elapsed_s'] / 60:.1f} min; JSON: {path}")
     return 0
 
 
