@@ -122,15 +122,20 @@ def create_app(
         try:
             yield
         finally:
+            # subtle: a task cancelled mid-query still closes its connection; disposing the
+            # database under it leaves that close waiting forever (the event loop never
+            # ends), so every task is awaited before anything it uses is closed.
             syncing.cancel()
             state.task.cancel()
-            await registry.close()
-            await engine.shutdown()
-            await recorder.close()  # flush stored completions before the store closes
-            # subtle: a sync cancelled mid-query still closes its connection; disposing the
-            # engine under it leaves that close waiting forever (the event loop never ends)
-            await asyncio.gather(syncing, return_exceptions=True)
-            await db.close()
+            await asyncio.gather(syncing, state.task, return_exceptions=True)
+            try:
+                await registry.close()
+                await engine.shutdown()
+            finally:
+                try:
+                    await recorder.close()  # flush stored completions before the store closes
+                finally:
+                    await db.close()
 
     app = FastAPI(title="Steer", version=__version__, lifespan=lifespan)
     app.state.settings = settings

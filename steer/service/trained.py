@@ -56,6 +56,8 @@ class TrainedAdapters:
                 # the next sync tries again; serving goes on with what is loaded.
                 logger.exception("syncing trained adapters failed; retrying in %.1fs",
                                  self.interval_s)
+            except Exception:  # our bug: logged loudly, but the sync must not stop for good
+                logger.exception("unexpected error syncing trained adapters; retrying")
             await asyncio.sleep(self.interval_s)
 
     async def sync(self) -> None:

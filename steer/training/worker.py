@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from sqlalchemy.exc import SQLAlchemyError
 
-from steer.store import Conflict, Database, NotFound
+from steer.store import Conflict, Database, NotFound, StoreError
 from steer.store import adapters as adapter_store
 from steer.store import files as file_store
 from steer.store import jobs as job_store
@@ -98,7 +99,14 @@ class Worker:
         logger.info("worker %s polling %s", self.config.name, self.db.url.split("://")[0])
         try:
             while True:
-                if not await self.run_once():
+                try:
+                    worked = await self.run_once()
+                except (StoreError, SQLAlchemyError, OSError):
+                    # a restarting database or a locked SQLite file: try again, don't die
+                    logger.exception("worker: the store failed; retrying in %.1fs",
+                                     self.config.poll_s)
+                    worked = False
+                if not worked:
                     await asyncio.sleep(self.config.poll_s)
         finally:
             await self.close()
@@ -117,13 +125,22 @@ class Worker:
             await self.run_job(job)
         finally:
             beat.cancel()
+            # subtle: a beat cancelled mid-query must finish closing its connection before
+            # anyone disposes the store (else that close waits forever)
+            await asyncio.gather(beat, return_exceptions=True)
         return True
 
     async def _heartbeat(self, job_id: str) -> None:
         alive = True
         while alive:
             await asyncio.sleep(self.config.heartbeat_s)
-            alive = await job_store.heartbeat(self.db, job_id, self.config.name)
+            try:
+                alive = await job_store.heartbeat(self.db, job_id, self.config.name)
+            except (StoreError, SQLAlchemyError, OSError):
+                # one missed beat is fine (stale means 60 s of them); a dead beat task
+                # would let another worker fail a job that is still training
+                logger.warning("heartbeat for %s failed; next one in %.0fs", job_id,
+                               self.config.heartbeat_s, exc_info=True)
 
     async def run_job(self, job: job_store.Job) -> None:
         ctx: JobContext | None = None

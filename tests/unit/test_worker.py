@@ -271,3 +271,58 @@ def test_the_embedded_worker_dies_with_its_server(tmp_path: Path) -> None:
             server.wait()
         if server.stdout is not None:
             server.stdout.close()
+
+
+async def test_a_failed_heartbeat_is_skipped_not_fatal(
+        setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: one store error ended the beat task, and 60 s later another worker
+    would fail a job that was still training."""
+    from sqlalchemy.exc import OperationalError
+
+    s = setup
+    job_id = await sft_job(s)
+    claimed = await job_store.claim_job(s.db, "test-worker")
+    assert claimed is not None and claimed.id == job_id
+    beats: list[str] = []
+    real = job_store.heartbeat
+
+    async def flaky(db: Database, jid: str, worker: str) -> bool:
+        beats.append(jid)
+        if len(beats) == 1:
+            raise OperationalError("UPDATE", {}, Exception("database is locked"))
+        return await real(db, jid, worker)
+
+    monkeypatch.setattr(job_store, "heartbeat", flaky)
+    beat = asyncio.create_task(s.worker._heartbeat(job_id))
+    while len(beats) < 3:
+        assert not beat.done(), beat
+        await asyncio.sleep(0.02)
+    beat.cancel()
+    await asyncio.gather(beat, return_exceptions=True)
+
+
+async def test_the_worker_loop_survives_a_store_error(
+        setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    s = setup
+    calls: list[int] = []
+
+    async def flaky_once() -> bool:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationalError("SELECT", {}, Exception("server closed the connection"))
+        return False
+
+    monkeypatch.setattr(s.worker, "run_once", flaky_once)
+    monkeypatch.setattr(s.worker, "close", _nothing)
+    loop = asyncio.create_task(s.worker.run_forever())
+    while len(calls) < 3:
+        assert not loop.done(), loop
+        await asyncio.sleep(0.02)
+    loop.cancel()
+    await asyncio.gather(loop, return_exceptions=True)
+
+
+async def _nothing() -> None:
+    """The fixture closes the store."""
