@@ -42,6 +42,7 @@ from steer.store import adapters as adapter_store
 from steer.store import files as file_store
 from steer.store import jobs as job_store
 from steer.training import expert, graders
+from steer.training.expert_method import MAX_ROUNDS
 from steer.training.formats import parse_lines
 
 # The line format each method trains on (steer.training.formats).
@@ -80,6 +81,8 @@ class FineTuning:
             await self._check_items(config.validation_grader, body.validation_file,
                                     "validation_file")
         name_example = expert.final_name(_Named(base, body.suffix, "ftjob-" + "0" * 24))
+        if method.get("type") == "reinforcement":  # its round checkpoints are longer names
+            name_example += f":ckpt-round-{MAX_ROUNDS}"
         try:
             check_name(name_example)
         except InvalidAdapter as exc:

@@ -247,6 +247,15 @@ async def recover(db: Database, *, stale_s: float, worker: str | None = None) ->
         lost = or_(lost, Job.worker == worker)
     async with db.session() as s:
         ids = list((await s.scalars(select(Job.id).where(Job.status == "running", lost))).all())
+        # a server that stopped between creating a job and queueing it (two transactions)
+        stuck = list((await s.scalars(select(Job.id).where(
+            Job.status == "validating_files", Job.created_at < stale_before))).all())
+    for job_id in stuck:
+        try:
+            await fail(db, job_id, "validation_interrupted", "The server stopped while "
+                       "validating this job's files; create it again.")
+        except Conflict:  # it moved on meanwhile
+            continue
     failed = []
     for job_id in ids:
         try:

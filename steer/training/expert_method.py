@@ -45,6 +45,7 @@ from steer.critics.extract import extractor
 from steer.training import graders
 
 Auto = Literal["auto"]
+MAX_ROUNDS = 20
 
 
 class MethodError(ValueError):
@@ -83,7 +84,7 @@ class Hyperparameters(_Closed):
     eval_interval: Auto = "auto"
     eval_samples: Auto = "auto"
     reasoning_effort: Literal["default"] = "default"
-    rounds: int = Field(default=2, ge=1, le=20)
+    rounds: int = Field(default=2, ge=1, le=MAX_ROUNDS)
     samples: int = Field(default=8, ge=1, le=64)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     max_tokens: int = Field(default=128, ge=1, le=4096)

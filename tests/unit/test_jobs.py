@@ -321,3 +321,41 @@ async def test_ancestors_list_the_chain_and_stop_at_a_loop(db: Database) -> None
         row.parent = "ft:c"
     looped = await adapter_store.ancestors(db, "ft:c")
     assert looped[-1] == {"model": "ft:c", "truncated": True}
+
+
+async def test_a_suffix_too_long_for_the_round_checkpoints_is_refused_at_creation(
+    tmp_path: Path
+) -> None:
+    """Found in review: on the default model a 60-character suffix passed creation, then the
+    round-1 checkpoint's longer name was refused after it had trained, failing the job."""
+    base = "smollm2-135m-instruct"
+    settings = Settings(adapter_root=tmp_path / "adapters", max_lora_rank=16)
+    async with running(create_app(settings, FakeEngine(model_name=base))) as http:
+        client = openai.AsyncOpenAI(base_url="http://steer/v1", api_key="unused",
+                                    http_client=http, max_retries=0)
+        db: Database = http.app.state.db  # type: ignore[attr-defined]
+        graded = await add_file(db, "graded", GRADED)
+        with pytest.raises(openai.BadRequestError) as err:
+            await client.fine_tuning.jobs.create(
+                model=base, training_file=graded, suffix="x" * 60,
+                method={"type": "reinforcement", "reinforcement": {"grader": GRADER}})
+        assert isinstance(err.value.body, dict) and err.value.body["param"] == "suffix"
+        sft = await add_file(db, "sft", SFT)  # a supervised job has no checkpoints: it fits
+        job = await client.fine_tuning.jobs.create(model=base, training_file=sft,
+                                                   suffix="x" * 60)
+        assert job.status == "queued"
+
+
+async def test_a_job_left_validating_by_a_stopped_server_is_failed_on_recovery(
+    app_client: tuple[openai.AsyncOpenAI, Database]
+) -> None:
+    _, db = app_client
+    file_id = await add_file(db, "sft", SFT)
+    job = await job_store.create_job(
+        db, model="fake-model", training_file=file_id, validation_file=None, suffix=None,
+        seed=1, method={"type": "supervised"}, metadata=None)
+    assert job.status == "validating_files"
+    assert await job_store.recover(db, stale_s=60) == []  # fresh: creation may still be going
+    assert (await job_store.get_job(db, job.id)).status == "validating_files"
+    assert await job_store.recover(db, stale_s=-1) == []  # (only running jobs are returned)
+    assert (await job_store.get_job(db, job.id)).status == "failed"
