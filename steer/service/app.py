@@ -147,7 +147,8 @@ def create_app(
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(AdapterLeaseMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
-                       max_file_bytes=settings.max_file_bytes)
+                       max_file_bytes=settings.max_file_bytes,
+                       api_key=settings.api_key.get_secret_value() if settings.api_key else None)
     install_error_handlers(app)
     app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
 

@@ -8,6 +8,7 @@ layer's pydantic schemas).
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -36,10 +37,23 @@ class BodyLimitMiddleware:
     the app sees it, so the app never parses a partial or oversized body. A file upload
     (`POST /v1/files`) may carry up to `max_file_bytes` of file instead."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, max_file_bytes: int | None = None) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, max_file_bytes: int | None = None,
+                 api_key: str | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.max_file_bytes = max_file_bytes
+        self.api_key = api_key
+
+    def _authorized(self, scope: Scope) -> bool:
+        """Only a request with the server's key may send an upload's size: FastAPI reads a
+        multipart body before the route's auth runs, so an anonymous client could otherwise
+        make the server buffer `max_file_bytes` just to be told 401."""
+        if self.api_key is None:
+            return True
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        return scheme.lower() == b"bearer" and secrets.compare_digest(token,
+                                                                      self.api_key.encode())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -47,7 +61,7 @@ class BodyLimitMiddleware:
             return
         limit, refusal = self.max_bytes, _too_large(self.max_bytes)
         if self.max_file_bytes is not None and scope["method"] == "POST" \
-                and scope["path"].rstrip("/") == UPLOAD_PATH:
+                and scope["path"].rstrip("/") == UPLOAD_PATH and self._authorized(scope):
             limit = self.max_file_bytes + UPLOAD_FRAMING_BYTES
             refusal = file_too_large(self.max_file_bytes)
         declared = dict(scope["headers"]).get(b"content-length")

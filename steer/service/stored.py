@@ -58,6 +58,8 @@ def metadata_filter(request: Request) -> dict[str, str]:
         if match is None:  # `metadata=x`, or a nested `metadata[a][b]=x`: values are strings
             raise bad_request("filter by metadata as metadata[key]=value", "metadata")
         key = match.group(1)
+        if key not in pairs and len(pairs) == 16:  # each pair is a subquery: bounded
+            raise bad_request("filter by at most 16 metadata pairs", "metadata")
         if len(key) > 64 or len(value) > 512:
             raise bad_request("metadata keys are at most 64 characters, values at most 512",
                               f"metadata[{key[:64]}]")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, String, select, update
+from sqlalchemy import JSON, BigInteger, String, Text, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
 from steer.store.db import Base, Conflict, Database, NotFound, now
@@ -34,7 +34,7 @@ class TrainedAdapter(Base):
     kind: Mapped[str] = mapped_column(String(16))  # final | checkpoint
     status: Mapped[str] = mapped_column(String(16), index=True)  # ready | deleted | refused
     lineage: Mapped[dict[str, Any]] = mapped_column(JSON)
-    error: Mapped[str | None] = mapped_column(String(2048))  # why a server refused it
+    error: Mapped[str | None] = mapped_column(Text)  # why a server refused it
 
 
 async def record_adapter(

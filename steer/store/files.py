@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import BigInteger, Integer, LargeBinary, String, delete, or_, select
+from sqlalchemy import BigInteger, Integer, LargeBinary, String, Text, delete, or_, select
 from sqlalchemy.orm import Mapped, deferred, mapped_column
 
 from steer.store.db import Base, Conflict, Database, NotFound, new_id, now
@@ -31,7 +31,7 @@ class StoredFile(Base):
     size: Mapped[int] = mapped_column("bytes", BigInteger)
     lines: Mapped[int] = mapped_column(Integer)  # JSONL records
     kind: Mapped[str] = mapped_column(String(32))  # the line format: sft | preference | graded
-    source: Mapped[str | None] = mapped_column(String(2048))  # JSON: where the lines came from
+    source: Mapped[str | None] = mapped_column(Text)  # JSON: where the lines came from
     content: Mapped[bytes] = deferred(mapped_column(LargeBinary))
 
     @property

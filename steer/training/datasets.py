@@ -17,7 +17,7 @@ import random
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -43,9 +43,10 @@ class DatasetSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     kind: Literal["sft", "preference"] = "sft"
-    metadata: dict[str, str] = Field(default_factory=dict, max_length=16)
-    model: str | None = None
-    strategy: str | None = None
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] \
+        = Field(default_factory=dict, max_length=16)
+    model: str | None = Field(None, max_length=256)
+    strategy: str | None = Field(None, max_length=64)
     min_score: float | None = Field(None, allow_inf_nan=False)  # the chosen candidate's
     created_after: int | None = Field(None, ge=0)  # unix seconds, inclusive
     created_before: int | None = Field(None, ge=0)  # unix seconds, exclusive

@@ -162,7 +162,8 @@ class _Loop:
             critic = own["name"] if own is not None and spec.get("critic") == own else None
             body = {"model": model, "messages": item["messages"], "max_tokens": hp.max_tokens,
                     "temperature": self.cfg.temperature,
-                    "seed": seed_for(self.ctx.job.seed, k, i), "steering": spec}
+                    "seed": seed_for(self.ctx.job.seed, k, i), "steering": spec,
+                    "store": False}  # the loop's own searches are not traffic to learn from
             got = await self.caller.chat(body)
             if got is None:
                 stats.prompts_failed += 1
@@ -201,7 +202,7 @@ class _Loop:
                     "max_tokens": self.cfg.hp.max_tokens, "temperature": 0.0,
                     "seed": seed_for(self.ctx.job.seed, 0, i),
                     "steering": {"strategy": "best_of_n", "options": {"n": 1, "temperature": 0.0},
-                                 "critic": critic, "trace": True}}
+                                 "critic": critic, "trace": True}, "store": False}
             got = await self.caller.chat(body)
             if got is None:
                 return

@@ -182,3 +182,22 @@ async def test_store_queries(app_client: tuple[openai.AsyncOpenAI, Database]) ->
     with pytest.raises(FileInUse) as info:
         await delete_file(db, rows[0].id)
     assert info.value.jobs == [job.id]
+
+
+async def test_only_a_request_with_the_key_may_send_an_upload_sized_body() -> None:
+    """Found in review: multipart bodies are read before the route's auth, so an anonymous
+    client could make the server buffer `max_file_bytes` to be told 401. Without the key an
+    upload gets the general body limit (413 at once); with it, the file cap."""
+    from pydantic import SecretStr
+
+    app = create_app(Settings(max_file_bytes=MAX_FILE, max_body_bytes=4096,
+                              api_key=SecretStr("sekret")), FakeEngine())
+    line = json.dumps(SFT).encode() + b"\n"
+    content = line * (MAX_FILE // len(line))  # over 4096, within the file cap
+    async with running(app), httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                               base_url="http://steer") as http:
+        for headers, status in [({}, 413), ({"Authorization": "Bearer wrong"}, 413),
+                                ({"Authorization": "Bearer sekret"}, 200)]:
+            r = await http.post("/v1/files", headers=headers, data={"purpose": "fine-tune"},
+                                files={"file": ("ok.jsonl", content)})
+            assert r.status_code == status, (headers, r.text)

@@ -310,3 +310,15 @@ async def test_storing_never_holds_up_the_answer(fake_engine: FakeEngine) -> Non
         release.set()
         await recorder.queue.join()
         assert len((await list_completions(app.state.db)).rows) == 3
+
+
+async def test_a_metadata_filter_takes_at_most_16_pairs(fake_engine: FakeEngine) -> None:
+    """Found in review: every pair is a subquery, and nothing bounded their number."""
+    async with running(await stored_app(fake_engine)) as client:
+        ok = await client.get("/v1/chat/completions",
+                              params={f"metadata[k{i}]": "v" for i in range(16)})
+        assert ok.status_code == 200, ok.text
+        many = await client.get("/v1/chat/completions",
+                                params={f"metadata[k{i}]": "v" for i in range(17)})
+        assert many.status_code == 400, many.text
+        assert many.json()["error"]["param"] == "metadata"

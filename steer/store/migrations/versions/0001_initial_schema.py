@@ -29,7 +29,7 @@ def upgrade() -> None:
     sa.Column('bytes', sa.BigInteger(), nullable=False),
     sa.Column('lines', sa.Integer(), nullable=False),
     sa.Column('kind', sa.String(length=32), nullable=False),
-    sa.Column('source', sa.String(length=2048), nullable=True),
+    sa.Column('source', sa.Text(), nullable=True),
     sa.Column('content', sa.LargeBinary(), nullable=True),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_files'))
     )
@@ -101,7 +101,7 @@ def upgrade() -> None:
     sa.Column('kind', sa.String(length=16), nullable=False),
     sa.Column('status', sa.String(length=16), nullable=False),
     sa.Column('lineage', sa.JSON(), nullable=False),
-    sa.Column('error', sa.String(length=2048), nullable=True),
+    sa.Column('error', sa.Text(), nullable=True),
     sa.PrimaryKeyConstraint('name', name=op.f('pk_trained_adapters'))
     )
     with op.batch_alter_table('trained_adapters', schema=None) as batch_op:
