@@ -118,12 +118,17 @@ def from_adapter_error(exc: EngineError) -> APIError:
 NOT_FOUND_PARAMS = {"file": "file_id"}
 
 
+def _ident(kind: str) -> str:
+    """A stored thing's name as an identifier: "fine-tuning job" -> "fine_tuning_job"."""
+    return kind.replace(" ", "_").replace("-", "_")
+
+
 def from_store_error(exc: StoreError) -> APIError:
     """A store exception no route translated itself: an unknown id (404), a row in use (409)."""
     if isinstance(exc, NotFound):
         return APIError(404, str(exc), type="not_found_error",
-                        param=NOT_FOUND_PARAMS.get(exc.kind, f"{exc.kind.replace(' ', '_')}_id"),
-                        code=f"{exc.kind.replace(' ', '_')}_not_found")
+                        param=NOT_FOUND_PARAMS.get(exc.kind, f"{_ident(exc.kind)}_id"),
+                        code=f"{_ident(exc.kind)}_not_found")
     if isinstance(exc, FileInUse):
         return APIError(409, str(exc), type="conflict_error", param="file_id",
                         code="file_in_use")
