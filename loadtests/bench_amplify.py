@@ -205,7 +205,9 @@ async def run_job(client: AsyncOpenAI, family: str, train: list[dict[str, Any]],
 
 
 def save(out: dict[str, Any], args: argparse.Namespace) -> Path:
-    path = RESULTS_DIR / ("bench_amplify_quick.json" if args.quick else "bench_amplify.json")
+    tag = "_quick" if args.quick else "" if args.families == list(FAMILIES) else \
+        "_" + "_".join(args.families)
+    path = RESULTS_DIR / f"bench_amplify{tag}.json"
     RESULTS_DIR.mkdir(exist_ok=True)
     path.write_text(json.dumps(out, indent=2))
     return path
@@ -220,7 +222,7 @@ async def bench(port: int, args: argparse.Namespace) -> dict[str, Any]:
     val = {f: make_items(f, args.val_items, args.seed + 500,
                          held_out | {i["question"] for i in train[f]}) for f in FAMILIES}
     out: dict[str, Any] = {"baseline": {}, "jobs": {}, "adapters": {}}
-    for f in FAMILIES:
+    for f in args.families:
         out["baseline"][f] = {
             "greedy": await one_call(client, MODEL, test[f], args),
             "best_of_8_grader": await one_call(
@@ -228,8 +230,8 @@ async def bench(port: int, args: argparse.Namespace) -> dict[str, Any]:
                 steering={"strategy": "best_of_n", "options": {"n": args.samples}}),
         }
         print(f"[{f}] baseline {json.dumps(out['baseline'][f])}", flush=True)
-    runs = [(f, EXACT, f"{f[:4]}", args.rounds) for f in FAMILIES]
-    if args.label_free:
+    runs = [(f, EXACT, f"{f[:4]}", args.rounds) for f in args.families]
+    if args.label_free and "word" in args.families:
         runs.append(("word", AGREEMENT, "word-free", args.label_free_rounds))
     for family, grader, suffix, rounds in runs:
         if time.monotonic() > deadline:
@@ -259,7 +261,7 @@ def pct(s: dict[str, Any]) -> str:
 
 def report(out: dict[str, Any]) -> None:
     rows: list[list[Any]] = []
-    for f in FAMILIES:
+    for f in out["baseline"]:
         other = next(x for x in FAMILIES if x != f)
         for how, s in out["baseline"][f].items():
             rows.append([f, f"base, {how}", pct(s), "", f"{s['tokens_per_item']:.0f}",
@@ -295,6 +297,8 @@ def main() -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--port", type=int, default=0, help="a running Steer (else one is started)")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE)
+    p.add_argument("--families", type=lambda v: v.split(","), default=list(FAMILIES),
+                   help="comma-separated: addition,word")
     p.add_argument("--train-items", type=int, default=400)
     p.add_argument("--val-items", type=int, default=50)
     p.add_argument("--test-items", type=int, default=200)

@@ -26,7 +26,7 @@ def test_a_supervised_job_trains_a_model_the_server_serves(
 ) -> None:
     monkeypatch.setenv("STEER_ADAPTER_ROOT", str(tmp_path / "adapters"))
     monkeypatch.setenv("STEER_WORKER_THREADS", "2")
-    server = server_factory.start()
+    server = server_factory.start("--kv-cache-gib", "1")
     server.wait_ready()
     client = openai_client(server)
     line = {"messages": [{"role": "user", "content": PROMPT},
@@ -65,3 +65,5 @@ def test_a_supervised_job_trains_a_model_the_server_serves(
     base, tuned = answer(MODEL), answer(job.fine_tuned_model)
     assert tuned != base, (base, tuned)
     assert "Zanzibar" in tuned, (base, tuned)
+    client.close()
+    assert server.stop() == 0, server.log_tail()  # its memory back before the next test
