@@ -122,15 +122,32 @@ class Recorder:
             while len(items) < self.batch and not self.queue.empty():
                 items.append(self.queue.get_nowait())
             try:
-                await self.write(items)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # the store is down or refused the batch: the server goes on
-                self.failed.inc(len(items))
-                logger.exception("store writer: %d completion(s) not stored", len(items))
+                await self.write_batch(items)
             finally:
                 for _ in items:
                     self.queue.task_done()
+
+    async def write_batch(self, items: list[Finished]) -> None:
+        """One insert for the batch; if the store refuses it, each record alone, so one bad
+        record (a duplicate id, a value the database won't take) loses only itself."""
+        try:
+            await self.write(items)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the store is down or refused the batch: the server goes on
+            if len(items) == 1:
+                self.failed.inc()
+                logger.exception("store writer: a completion was not stored")
+                return
+        for item in items:
+            try:
+                await self.write([item])
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.failed.inc()
+                logger.exception("store writer: a completion was not stored")
 
     async def write(self, items: list[Finished]) -> None:
         rows = [row(item) for item in items]

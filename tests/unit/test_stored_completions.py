@@ -144,6 +144,20 @@ async def test_a_failed_insert_is_counted_and_the_writer_goes_on(db: Database) -
     assert len((await list_completions(db)).rows) == 2
 
 
+async def test_one_bad_record_in_a_batch_loses_only_itself(db: Database) -> None:
+    """Found in review: a batch is one insert, so one bad record lost the whole batch."""
+    metrics = Metrics()
+    recorder = Recorder(db, "all", metrics)
+    recorder.start()
+    recorder.submit(finished(0))
+    await recorder.queue.join()
+    for i in (1, 0, 2, 3):  # one batch (the writer lingers); 0 is a duplicate id
+        recorder.submit(finished(i))
+    await recorder.close()
+    assert metrics.registry.get_sample_value("steer_store_write_errors_total") == 1
+    assert len((await list_completions(db)).rows) == 4
+
+
 async def test_mode_and_the_requests_own_store_decide() -> None:
     item = finished(0)
     off, steered, everything = (Recorder(Database("sqlite+aiosqlite://"), mode, Metrics())
