@@ -48,8 +48,10 @@ class DatasetSpec(BaseModel):
     model: str | None = Field(None, max_length=256)
     strategy: str | None = Field(None, max_length=64)
     min_score: float | None = Field(None, allow_inf_nan=False)  # the chosen candidate's
-    created_after: int | None = Field(None, ge=0)  # unix seconds, inclusive
-    created_before: int | None = Field(None, ge=0)  # unix seconds, exclusive
+    # unix seconds; bounded so every database's 64-bit integer takes them (fuzzing found a
+    # 500 from SQLite on a larger one)
+    created_after: int | None = Field(None, ge=0, le=2**62)  # inclusive
+    created_before: int | None = Field(None, ge=0, le=2**62)  # exclusive
     dedupe: bool = True
     include_truncated: bool = False  # answers cut off by max_tokens (finish_reason "length")
     validation_fraction: float = Field(0.0, ge=0.0, lt=1.0)

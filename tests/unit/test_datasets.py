@@ -176,3 +176,10 @@ async def test_cli_exports_to_local_files(app_client: httpx.AsyncClient, tmp_pat
     assert await asyncio.to_thread(
         main, ["data", "export", "--metadata", "run=nothing", "--output", str(out)]) == 1
     assert "no stored completions match" in capsys.readouterr().err
+
+
+async def test_a_date_beyond_64_bits_is_a_400_not_a_500(app_client: httpx.AsyncClient) -> None:
+    """Found by the schema fuzzer in CI: SQLite can't bind an integer past 64 bits."""
+    r = await app_client.post(DATASETS, json={"created_after": 2**64})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "created_after"
