@@ -18,7 +18,7 @@ Everything goes through the official `openai` client (files, fine_tuning.jobs, c
 the steered baseline requests (Steer's `steering` field via `extra_body`). The answers are
 graded here, independently of Steer's grader: the last number in the answer.
 
-Run:  .venv/bin/python loadtests/bench_amplify.py                     (~2 h on 2 cores; addition alone ~1 h)
+Run:  .venv/bin/python loadtests/bench_amplify.py               (~2 h on 2 cores; addition ~1 h)
       .venv/bin/python loadtests/bench_amplify.py --quick             (tiny smoke run)
 Markdown tables on stdout; JSON in loadtests/results/bench_amplify[_quick].json.
 """
