@@ -15,7 +15,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from steer.service.protocol import _Request
+from steer.service.protocol import Metadata, _Request
 
 SUFFIX_PATTERN = r"^[a-z0-9-]{1,64}$"
 Auto = Literal["auto"]
@@ -23,9 +23,6 @@ Epochs = Auto | Annotated[int, Field(ge=1, le=50)]
 BatchSize = Auto | Annotated[int, Field(ge=1, le=512)]
 LrMultiplier = Auto | Annotated[float, Field(gt=0, le=100)]
 Beta = Auto | Annotated[float, Field(gt=0, le=2)]
-MetadataKey = Annotated[str, Field(max_length=64)]
-MetadataValue = Annotated[str, Field(max_length=512)]
-Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)]
 
 
 class _Body(_Request):
