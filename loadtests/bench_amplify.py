@@ -177,6 +177,7 @@ async def run_job(client: AsyncOpenAI, family: str, train: list[dict[str, Any]],
                                 "rounds": rounds, "samples": args.samples,
                                 "temperature": args.temperature,
                                 "max_tokens": args.max_tokens,
+                                "keep_per_prompt": args.keep_per_prompt,
                                 "concurrency": args.concurrency}}},
     )
     print(f"[{family}] job {job.id} created", flush=True)
@@ -306,6 +307,8 @@ def main() -> int:
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--max-tokens", type=int, default=64)  # the model's right answers are short
+    p.add_argument("--keep-per-prompt", type=int, default=None,
+                   help="train on at most this many passing samples per prompt (all: unset)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--worker-threads", type=int, default=2)

@@ -17,6 +17,7 @@ from steer.engine.base import (
 from steer.engine.types import (
     AdapterRef,
     Capabilities,
+    Constraint,
     EngineHealth,
     Generation,
     Message,
@@ -32,6 +33,7 @@ __all__ = [
     "AdapterConflict",
     "AdapterRef",
     "Capabilities",
+    "Constraint",
     "Engine",
     "EngineDead",
     "EngineError",

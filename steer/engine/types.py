@@ -24,6 +24,18 @@ Prompt = Sequence[Message] | str
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """Constrained decoding (vLLM's structured outputs): exactly one kind is set. The edge
+    validates it (a JSON Schema arrives here already checked and serialized)."""
+
+    json_schema: str | None = None  # a JSON Schema document, serialized
+    json_object: bool = False  # any JSON object
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None  # an EBNF/Lark grammar, as vLLM's backends take it
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """Per-call sampling knobs; validated at the edge, trusted here."""
 
@@ -40,6 +52,8 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None  # None: off; k >= 0: the chosen token plus the top k
     min_tokens: int = 0  # no stop string or end-of-sequence before this many tokens
+    constraint: Constraint | None = None  # None: free text
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100])
 
 
 @dataclass(frozen=True)
@@ -75,6 +89,7 @@ class Generation:
     prompt_index: int = 0
     index: int = 0
     logprobs: tuple[TokenLogprob, ...] | None = None
+    cached_tokens: int | None = None  # prompt tokens served from the prefix cache (None: unknown)
 
 
 @dataclass(frozen=True)
@@ -94,6 +109,7 @@ class StreamEnd:
 
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int | None = None  # prompt tokens served from the prefix cache (None: unknown)
 
 
 @dataclass(frozen=True)
