@@ -24,10 +24,13 @@ from sqlalchemy import (
     Index,
     Select,
     String,
+    and_,
     insert,
+    or_,
     select,
 )
 from sqlalchemy.orm import Mapped, defer, mapped_column, relationship
+from sqlalchemy.sql.elements import ColumnElement
 
 from steer.store.db import Base, Database, NotFound
 
@@ -172,11 +175,27 @@ async def list_completions(
                 StoredCompletion.id == after))
             if cursor is None:
                 raise NotFound("chat completion", after)
-            query = query.where(StoredCompletion.seq > cursor if ascending
-                                else StoredCompletion.seq < cursor)
-        seq = StoredCompletion.seq.asc() if ascending else StoredCompletion.seq.desc()
-        rows = list((await s.scalars(query.order_by(seq).limit(limit + 1))).all())
+            query = query.where(_beyond(cursor, after, ascending))
+        rows = list((await s.scalars(query.order_by(*_order(ascending)).limit(limit + 1))).all())
     return Page(rows[:limit], len(rows) > limit)
+
+
+def _order(ascending: bool) -> tuple[Any, ...]:
+    # subtle: seq is unique per process only (two replicas can write the same microsecond),
+    # so the id breaks ties: (seq, id) is a total order, and a page boundary inside a tie
+    # neither skips nor repeats a row
+    if ascending:
+        return StoredCompletion.seq.asc(), StoredCompletion.id.asc()
+    return StoredCompletion.seq.desc(), StoredCompletion.id.desc()
+
+
+def _beyond(seq: int, row_id: str, ascending: bool) -> ColumnElement[bool]:
+    """Rows after (seq, row_id) in `_order(ascending)`: the keyset condition."""
+    if ascending:
+        return or_(StoredCompletion.seq > seq,
+                   and_(StoredCompletion.seq == seq, StoredCompletion.id > row_id))
+    return or_(StoredCompletion.seq < seq,
+               and_(StoredCompletion.seq == seq, StoredCompletion.id < row_id))
 
 
 async def update_metadata(db: Database, completion_id: str,
@@ -216,7 +235,7 @@ async def select_completions(
     db: Database, selection: Selection, batch: int = 200
 ) -> AsyncIterator[StoredCompletion]:
     """Every stored completion `selection` matches, oldest first, traces included; read in
-    batches (keyset on insertion order), so a large store is never loaded at once."""
+    batches (keyset on insertion order, then id), so a large store is never loaded at once."""
     query = _with_metadata(select(StoredCompletion), selection.metadata)
     if selection.model is not None:
         query = query.where(StoredCompletion.model == selection.model)
@@ -228,14 +247,14 @@ async def select_completions(
         query = query.where(StoredCompletion.created >= selection.created_after)
     if selection.created_before is not None:
         query = query.where(StoredCompletion.created < selection.created_before)
-    cursor: int | None = None
+    cursor: tuple[int, str] | None = None
     while True:
-        page = query if cursor is None else query.where(StoredCompletion.seq > cursor)
+        page = query if cursor is None else query.where(_beyond(*cursor, ascending=True))
         async with db.session() as s:
             rows = list((await s.scalars(
-                page.order_by(StoredCompletion.seq.asc()).limit(batch))).all())
+                page.order_by(*_order(ascending=True)).limit(batch))).all())
         for row in rows:
             yield row
         if len(rows) < batch:
             return
-        cursor = rows[-1].seq
+        cursor = rows[-1].seq, rows[-1].id

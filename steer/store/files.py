@@ -13,7 +13,17 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import BigInteger, Integer, LargeBinary, String, Text, delete, or_, select
+from sqlalchemy import (
+    BigInteger,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    and_,
+    delete,
+    or_,
+    select,
+)
 from sqlalchemy.orm import Mapped, deferred, mapped_column
 
 from steer.store.db import Base, Conflict, Database, NotFound, new_id, now
@@ -111,9 +121,17 @@ async def list_files(
             cursor = await s.scalar(select(StoredFile.seq).where(StoredFile.id == after))
             if cursor is None:
                 raise NotFound("file", after)
-            query = query.where(StoredFile.seq > cursor if ascending else StoredFile.seq < cursor)
-        seq = StoredFile.seq.asc() if ascending else StoredFile.seq.desc()
-        rows = list((await s.scalars(query.order_by(seq).limit(limit + 1))).all())
+            # subtle: seq is unique per process only (replicas can share a microsecond), so
+            # the id breaks ties; a page boundary inside a tie neither skips nor repeats
+            if ascending:
+                query = query.where(or_(StoredFile.seq > cursor,
+                                        and_(StoredFile.seq == cursor, StoredFile.id > after)))
+            else:
+                query = query.where(or_(StoredFile.seq < cursor,
+                                        and_(StoredFile.seq == cursor, StoredFile.id < after)))
+        keys = ((StoredFile.seq.asc(), StoredFile.id.asc()) if ascending
+                else (StoredFile.seq.desc(), StoredFile.id.desc()))
+        rows = list((await s.scalars(query.order_by(*keys).limit(limit + 1))).all())
     return FilePage(rows[:limit], len(rows) > limit)
 
 
