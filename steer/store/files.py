@@ -24,6 +24,7 @@ from sqlalchemy import (
     or_,
     select,
 )
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Mapped, deferred, mapped_column
 
 from steer.store.db import Base, Conflict, Database, NotFound, new_id, now
@@ -138,17 +139,24 @@ async def list_files(
 async def delete_file(db: Database, file_id: str) -> None:
     """Delete a file no unfinished job uses; NotFound, or FileInUse naming the jobs."""
     async with db.session() as s:
-        # subtle: the row is locked first (PostgreSQL; SQLite serializes writers anyway), so
-        # a job created against this file meanwhile waits for this delete, then sees it gone
-        row = await s.get(StoredFile, file_id, with_for_update=True)
-        if row is None:
+        # subtle: delete first, check the users after, in one transaction (raising rolls the
+        # delete back). The DELETE takes the write lock (SQLite) or the row lock (PostgreSQL)
+        # before the check reads, and `jobs.create_job` writes its job before it checks (and
+        # locks) the file: whichever goes second sees the other's committed work, so a job
+        # never outlives its file and a file in use is never deleted.
+        result = await s.execute(delete(StoredFile).where(StoredFile.id == file_id))
+        if _rows(result) != 1:
             raise NotFound("file", file_id)
         users = (await s.scalars(
             select(Job.id).where(
                 or_(Job.training_file == file_id, Job.validation_file == file_id),
                 Job.status.not_in(FINAL),
-            ).order_by(Job.created_at).limit(10)
+            ).order_by(Job.created_at, Job.id).limit(10)
         )).all()
         if users:
             raise FileInUse(file_id, list(users))
-        await s.execute(delete(StoredFile).where(StoredFile.id == file_id))
+
+
+def _rows(result: Any) -> int:
+    assert isinstance(result, CursorResult)
+    return int(result.rowcount)

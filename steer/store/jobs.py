@@ -116,13 +116,18 @@ async def create_job(
     from steer.store.files import StoredFile  # (files imports this module)
 
     async with db.session() as s:
-        # subtle: the files are locked (PostgreSQL) in this transaction, so a delete of one
-        # can't slip between the route's checks and the job that needs it (see delete_file)
-        for file_id in filter(None, (training_file, validation_file)):
-            if await s.get(StoredFile, file_id, with_for_update=True) is None:
-                raise NotFound("file", file_id)
+        # subtle: the job is written before its files are checked, in one transaction (a
+        # missing file rolls it back): the INSERT takes SQLite's write lock, and the check
+        # locks the file rows where the database can (FOR UPDATE, PostgreSQL), so a
+        # concurrent `files.delete_file` either finishes first (the check sees the file gone)
+        # or runs after this commits and sees the job
         s.add(job)
         await s.flush()
+        for file_id in filter(None, (training_file, validation_file)):
+            found = await s.scalar(select(StoredFile.id).where(StoredFile.id == file_id)
+                                   .with_for_update())
+            if found is None:
+                raise NotFound("file", file_id)
         _event(s, job.id, f"Validating training file: {training_file}"
                + (f" and validation file: {validation_file}" if validation_file else ""))
     return job

@@ -4,12 +4,14 @@ number of statements a job listing costs. SQLite, file-backed (real separate con
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import event, update
+from sqlalchemy.util import await_only
 
 from steer.store import Database
 from steer.store import completions as completion_store
@@ -134,3 +136,92 @@ async def test_jobs_events_and_checkpoints_page_through_ties(db: Database) -> No
     assert len(events) == ROWS + 1 and len(set(events)) == len(events)  # + the create's
     checkpoints = await walk(checkpoint_page)
     assert len(checkpoints) == ROWS and len(set(checkpoints)) == ROWS
+
+
+# -- 2. deleting a file vs creating a job that uses it, at every interleaving ---------------
+
+
+class PauseAt:
+    """Stops one task just before its n-th statement (its commit counts as one) until
+    released, so another task can run in that window: every interleaving of two units of
+    work can be forced in turn, on real, separate SQLite connections."""
+
+    def __init__(self, db: Database, n: int) -> None:
+        self.db, self.n = db, n
+        self.task: asyncio.Task[Any] | None = None
+        self.count = 0
+        self.reached, self.release = asyncio.Event(), asyncio.Event()
+
+    def __enter__(self) -> PauseAt:
+        engine = self.db.engine.sync_engine
+        event.listen(engine, "before_cursor_execute", self._statement)
+        event.listen(engine, "commit", self._step)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        engine = self.db.engine.sync_engine
+        event.remove(engine, "before_cursor_execute", self._statement)
+        event.remove(engine, "commit", self._step)
+
+    def _statement(self, *_args: object) -> None:
+        self._step()
+
+    def _step(self, *_args: object) -> None:
+        if asyncio.current_task() is not self.task:
+            return
+        self.count += 1
+        if self.count == self.n:
+            self.reached.set()
+            # subtle: listeners run inside SQLAlchemy's greenlet, so they may await
+            await_only(self.release.wait())
+
+
+async def _race(db: Database, paused: str, n: int) -> tuple[Any, Any, bool] | None:
+    """Run create-job and delete-file on one file, `paused` stopped before its n-th step
+    while the other runs (or blocks on a lock); None when `paused` has fewer steps."""
+    f = await file_store.create_file(db, filename="f.jsonl", purpose="fine-tune",
+                                     content=b"{}\n", lines=1, kind="sft")
+    parties: dict[str, Callable[[], Awaitable[Any]]] = {
+        "create": lambda: _job(db, f.id), "delete": lambda: file_store.delete_file(db, f.id)}
+    other = "delete" if paused == "create" else "create"
+    with PauseAt(db, n) as pause:
+        first = asyncio.create_task(parties[paused]())
+        pause.task = first
+        await asyncio.wait([first, asyncio.create_task(pause.reached.wait())],
+                           return_when=asyncio.FIRST_COMPLETED)
+        if not pause.reached.is_set():
+            await asyncio.gather(first, return_exceptions=True)
+            return None
+        second = asyncio.create_task(parties[other]())
+        await asyncio.wait([second], timeout=1.0)  # done, or waiting for the paused one's lock
+        pause.release.set()
+        results = dict(zip((paused, other), await asyncio.gather(
+            first, second, return_exceptions=True), strict=True))
+    try:
+        await file_store.get_file(db, f.id)
+        exists = True
+    except Exception:
+        exists = False
+    return results["create"], results["delete"], exists
+
+
+@pytest.mark.parametrize("paused", ["create", "delete"])
+async def test_a_file_delete_and_a_job_create_never_both_win(db: Database,
+                                                            paused: str) -> None:
+    from steer.store import NotFound
+
+    tried = 0
+    for n in range(1, 12):
+        outcome = await _race(db, paused, n)
+        if outcome is None:
+            break
+        tried += 1
+        created, deleted, exists = outcome
+        where = f"{paused} paused before its step {n}: create={created!r} delete={deleted!r}"
+        if isinstance(created, str):  # the job exists: its file must too
+            assert isinstance(deleted, file_store.FileInUse), where
+            assert exists and created in deleted.jobs, where
+        else:  # no job: the file was deleted, and the create said so
+            assert isinstance(created, NotFound) and created.kind == "file", where
+            assert deleted is None and not exists, where
+    assert tried >= 3  # create and delete each take several statements
