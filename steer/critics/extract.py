@@ -9,14 +9,15 @@ quadratically.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from typing import Literal
 
 from steer.critics.patterns import compile_pattern
 
-Extractor = Literal["last_number", "answer_line", "choice", "regex"]
-EXTRACTORS: tuple[str, ...] = ("last_number", "answer_line", "choice", "regex")
+Extractor = Literal["last_number", "answer_line", "choice", "regex", "json"]
+EXTRACTORS: tuple[str, ...] = ("last_number", "answer_line", "choice", "regex", "json")
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 # subtle: `[\s...]*` at each line start used to run over every following blank line, and
@@ -69,6 +70,20 @@ def choice(text: str) -> str | None:
     return str(paren or bare).upper()
 
 
+def json_value(text: str) -> str | None:
+    """The whole text as one JSON value, in a normal form (keys sorted, no whitespace), so
+    answers that differ only in layout vote together: a constrained answer, such as a tool
+    call's `{"name", "arguments"}`, is all JSON."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    except (ValueError, RecursionError):
+        return None
+
+
 def by_regex(pattern: str) -> Callable[[str], str | None]:
     """The last match of a client's pattern (its first group, if it has one), on RE2."""
     compiled = compile_pattern(pattern)
@@ -89,6 +104,8 @@ def extractor(kind: str, pattern: str | None = None) -> Callable[[str], str | No
         return answer_line
     if kind == "choice":
         return choice
+    if kind == "json":
+        return json_value
     if kind == "regex":
         if not pattern:
             raise ValueError("extract 'regex' needs a 'pattern'")

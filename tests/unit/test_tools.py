@@ -1,0 +1,372 @@
+"""Tool calling without a model: checks, the forced call's schema, parsing, streaming."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from steer.critics.schemas import StepBudget, first_error
+from steer.service.errors import APIError
+from steer.service.protocol import ChatCompletionRequest, Delta
+from steer.service.tools import (
+    ToolPlan,
+    ToolStream,
+    parse,
+    parse_forced,
+    plan_tools,
+)
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]}}}
+
+
+def request(**fields: Any) -> ChatCompletionRequest:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}
+    return ChatCompletionRequest.model_validate(body)
+
+
+def refused(param: str, **fields: Any) -> APIError:
+    with pytest.raises(APIError) as info:
+        plan_tools(request(**fields))
+    assert info.value.status == 400
+    assert info.value.param == param
+    return info.value
+
+
+def valid(schema: dict[str, Any], value: Any) -> bool:
+    return first_error(schema, value, StepBudget(10_000)) is None
+
+
+# -- checks -----------------------------------------------------------------------------------
+
+
+def test_no_tools_no_plan() -> None:
+    assert plan_tools(request()) is None
+    assert plan_tools(request(tools=[WEATHER], tool_choice="none")) is None
+
+
+def test_auto_is_the_default_with_tools() -> None:
+    plan = plan_tools(request(tools=[WEATHER]))
+    assert plan is not None and plan.mode == "auto" and not plan.constrained
+    assert plan.parallel
+
+
+def test_tool_choice_without_tools() -> None:
+    refused("tool_choice", tool_choice="auto")
+
+
+def test_named_choice_must_be_among_tools() -> None:
+    err = refused("tool_choice", tools=[WEATHER],
+                  tool_choice={"type": "function", "function": {"name": "nope"}})
+    assert "get_weather" in err.message
+
+
+def test_duplicate_names() -> None:
+    refused("tools.1.function.name", tools=[WEATHER, WEATHER])
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "string"},
+    {"type": "object", "properties": {"x": {"$ref": "http://example.com/s.json"}}},
+    {"type": "object", "properties": {"x": {"type": "string", "pattern": "(a"}}},
+    {"type": "object", "properties": {"x": {"type": 5}}},
+])
+def test_unsafe_or_invalid_parameters(schema: dict[str, Any]) -> None:
+    bad = {"type": "function", "function": {"name": "f", "parameters": schema}}
+    refused("tools.1.function.parameters", tools=[WEATHER, bad])
+
+
+def test_tool_names_follow_openai() -> None:
+    for name in ("has space", "x" * 65, ""):
+        with pytest.raises(ValueError):
+            request(tools=[{"type": "function", "function": {"name": name}}])
+
+
+def test_tool_message_must_answer_a_call() -> None:
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    history = [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    assert plan_tools(request(messages=history, tools=[WEATHER])) is not None
+    stray = [*history, {"role": "tool", "tool_call_id": "call_2", "content": "?"}]
+    refused("messages.3", messages=stray, tools=[WEATHER])
+    refused("messages.1.tool_call_id",
+            messages=[{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}])
+    refused("messages.0.tool_calls", messages=[{"role": "user", "content": "x",
+                                                "tool_calls": [call]}])
+
+
+# -- the forced call's schema ----------------------------------------------------------------
+
+
+def test_named_call_is_constrained_to_its_arguments() -> None:
+    plan = plan_tools(request(tools=[WEATHER, TIME],
+                              tool_choice={"type": "function", "function": {"name": "get_time"}}))
+    assert plan is not None and plan.mode == "named" and plan.name == "get_time"
+    assert plan.schema == TIME["function"]["parameters"]  # type: ignore[index]
+
+
+def test_named_call_without_parameters_is_any_object() -> None:
+    bare = {"type": "function", "function": {"name": "ping"}}
+    plan = plan_tools(request(tools=[bare],
+                              tool_choice={"type": "function", "function": {"name": "ping"}}))
+    assert plan is not None and plan.schema is not None
+    assert valid(plan.schema, {}) and not valid(plan.schema, [])
+
+
+def test_required_one_of_the_tools() -> None:
+    plan = plan_tools(request(tools=[WEATHER, TIME], tool_choice="required",
+                              parallel_tool_calls=False))
+    assert plan is not None and plan.schema is not None and not plan.parallel
+    schema = plan.schema
+    assert len(schema["oneOf"]) == 2
+    assert valid(schema, {"name": "get_weather", "arguments": {"city": "Paris"}})
+    assert valid(schema, {"name": "get_time", "arguments": {"zone": "UTC"}})
+    assert not valid(schema, {"name": "get_time", "arguments": {"city": "Paris"}})
+    assert not valid(schema, {"name": "other", "arguments": {}})
+    assert not valid(schema, {"name": "get_weather", "arguments": {"city": "P"}, "x": 1})
+
+
+def test_required_parallel_is_a_non_empty_array() -> None:
+    plan = plan_tools(request(tools=[WEATHER], tool_choice="required"))
+    assert plan is not None and plan.schema is not None and plan.parallel
+    call = {"name": "get_weather", "arguments": {"city": "Paris"}}
+    assert valid(plan.schema, [call, call])
+    assert not valid(plan.schema, [])
+    assert not valid(plan.schema, call)
+
+
+class Address(BaseModel):
+    city: str
+
+
+class Order(BaseModel):
+    to: Address
+    back: Address | None = None
+
+
+def test_required_moves_each_tools_definitions_to_the_root() -> None:
+    # pydantic (so LangChain, instructor) writes nested models as $defs + $ref.
+    tools = [{"type": "function", "function": {"name": f"ship{i}",
+                                               "parameters": Order.model_json_schema()}}
+             for i in range(2)]
+    plan = plan_tools(request(tools=tools, tool_choice="required", parallel_tool_calls=False))
+    assert plan is not None and plan.schema is not None
+    schema = plan.schema
+    assert set(schema["$defs"]) == {"tool0", "tool0_Address", "tool1", "tool1_Address"}
+    good = {"name": "ship1", "arguments": {"to": {"city": "Oslo"}}}
+    assert valid(schema, good)
+    assert not valid(schema, {"name": "ship1", "arguments": {"to": {"town": "Oslo"}}})
+
+
+def test_required_refuses_references_by_id() -> None:
+    by_anchor = {"type": "object", "$defs": {"a": {"$anchor": "here", "type": "string"}},
+                 "properties": {"x": {"$ref": "#here"}}}
+    tool = {"type": "function", "function": {"name": "f", "parameters": by_anchor}}
+    assert plan_tools(request(tools=[tool])) is not None  # fine for auto
+    refused("tools.0.function.parameters", tools=[tool], tool_choice="required")
+
+
+def test_required_schema_too_large_together() -> None:
+    big = {"type": "object", "properties": {f"p{i}": {"type": "string",
+                                                      "description": "d" * 300}
+                                            for i in range(150)}}
+    tools = [{"type": "function", "function": {"name": f"f{i}", "parameters": big}}
+             for i in range(2)]
+    refused("tools", tools=tools, tool_choice="required")
+
+
+# -- parsing ----------------------------------------------------------------------------------
+
+
+def plan_for(choice: Any, parallel: bool | None = None) -> ToolPlan:
+    plan = plan_tools(request(tools=[WEATHER, TIME], tool_choice=choice,
+                              parallel_tool_calls=parallel))
+    assert plan is not None
+    return plan
+
+
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+def test_parse_named() -> None:
+    parsed = parse_forced(plan_for(NAMED), ' {"city": "Paris"} ')
+    assert parsed.content is None
+    (call,) = parsed.calls
+    assert call.id.startswith("call_") and call.type == "function"
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    assert parsed.finish_reason("stop") == "tool_calls"
+    assert parsed.finish_reason("length") == "length"
+
+
+def test_parse_required() -> None:
+    out = '[{"name": "get_time", "arguments": {"zone": "UTC"}}, ' \
+          '{"name": "get_weather", "arguments": {"city": "Oslo"}}]'
+    parsed = parse_forced(plan_for("required"), out)
+    assert [c.function.name for c in parsed.calls] == ["get_time", "get_weather"]
+    assert json.loads(parsed.calls[1].function.arguments) == {"city": "Oslo"}
+    assert len({c.id for c in parsed.calls}) == 2
+    single = parse_forced(plan_for("required", parallel=False),
+                          '{"name": "get_time", "arguments": {"zone": "UTC"}}')
+    assert [c.function.name for c in single.calls] == ["get_time"]
+
+
+def test_parse_required_cut_short_stays_text() -> None:
+    cut = '[{"name": "get_time", "argu'
+    parsed = parse_forced(plan_for("required"), cut)
+    assert parsed.content == cut and not parsed.calls
+    assert parsed.finish_reason("length") == "length"
+
+
+def test_auto_without_a_parser_is_refused() -> None:
+    with pytest.raises(APIError) as info:
+        parse(plan_for("auto"), "hello", None)
+    assert info.value.param == "tool_choice"
+
+
+# -- streaming --------------------------------------------------------------------------------
+
+
+def reassemble(deltas: list[Delta]) -> dict[int, dict[str, str]]:
+    """What the openai SDK's stream helper builds from tool-call deltas."""
+    calls: dict[int, dict[str, str]] = {}
+    for d in deltas:
+        for piece in d.tool_calls or ():
+            call = calls.setdefault(piece.index, {"id": "", "name": "", "arguments": ""})
+            if piece.id:
+                assert not call["id"], "the id comes once, on the first piece"
+                call["id"] = piece.id
+            if piece.function and piece.function.name:
+                call["name"] += piece.function.name
+            if piece.function and piece.function.arguments:
+                call["arguments"] += piece.function.arguments
+    return calls
+
+
+def test_named_streams_argument_fragments() -> None:
+    stream = ToolStream(plan_for(NAMED), None)
+    deltas = [d for piece in (" ", '{"ci', 'ty": ', '"Paris"}') for d in stream.feed(0, piece)]
+    first = deltas[0].model_dump()
+    assert first["tool_calls"][0].keys() == {"index", "id", "type", "function"}
+    assert first["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert "id" not in deltas[1].model_dump()["tool_calls"][0]
+    rest, reason = stream.finish(0, "stop")
+    assert reason == "tool_calls" and not rest
+    calls = reassemble(deltas)
+    assert json.loads(calls[0]["arguments"]) == {"city": "Paris"}
+
+
+def test_required_streams_whole_calls_at_the_end() -> None:
+    stream = ToolStream(plan_for("required"), None)
+    out = '[{"name": "get_time", "arguments": {"zone": "UTC"}}]'
+    assert stream.feed(0, out[:10]) == [] and stream.feed(0, out[10:]) == []
+    deltas, reason = stream.finish(0, "stop")
+    assert reason == "tool_calls"
+    calls = reassemble(deltas)
+    assert calls[0]["name"] == "get_time" and calls[0]["id"].startswith("call_")
+    assert json.loads(calls[0]["arguments"]) == {"zone": "UTC"}
+
+
+def test_required_cut_short_streams_text() -> None:
+    stream = ToolStream(plan_for("required"), None)
+    stream.feed(1, '[{"name"')
+    deltas, reason = stream.finish(1, "length")
+    assert reason == "length" and [d.content for d in deltas] == ['[{"name"']
+
+
+# -- auto, through vLLM's hermes parser ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hermes() -> Any:
+    from steer.service.tools import vllm_parsers
+
+    # The hermes parser only needs a tokenizer to exist; it reads the text alone.
+    return vllm_parsers("hermes", tokenizer=object())
+
+
+def test_auto_parses_a_hermes_call(hermes: Any) -> None:
+    plan = plan_for("auto")
+    text = 'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}' \
+           '\n</tool_call>'
+    parsed = parse(plan, text, hermes)
+    assert parsed.content == "Let me look.\n"
+    (call,) = parsed.calls
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    assert json.loads(call.function.arguments) == {"city": "Oslo"}
+    assert parse(plan, "Just text.", hermes).content == "Just text."
+
+
+def test_auto_call_of_an_unknown_function_is_text(hermes: Any) -> None:
+    text = '<tool_call>\n{"name": "launch", "arguments": {}}\n</tool_call>'
+    parsed = parse(plan_for("auto"), text, hermes)
+    assert parsed.content == text and not parsed.calls
+
+
+def test_auto_streams_content_then_call(hermes: Any) -> None:
+    stream = ToolStream(plan_for("auto"), hermes)
+    text = 'Sure.<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>'
+    deltas = []
+    for i in range(0, len(text), 7):
+        deltas.extend(stream.feed(0, text[i:i + 7]))
+    rest, reason = stream.finish(0, "stop")
+    deltas.extend(rest)
+    assert reason == "tool_calls"
+    assert "".join(d.content or "" for d in deltas) == "Sure."
+    calls = reassemble(deltas)
+    assert calls[0]["name"] == "get_time" and calls[0]["id"].startswith("call_")
+    assert json.loads(calls[0]["arguments"]) == {"zone": "CET"}
+
+
+def test_auto_streams_plain_text(hermes: Any) -> None:
+    stream = ToolStream(plan_for("auto"), hermes)
+    deltas = stream.feed(0, "Hello ") + stream.feed(0, "there")
+    rest, reason = stream.finish(0, "stop")
+    assert reason == "stop"
+    assert "".join(d.content or "" for d in deltas + rest) == "Hello there"
+
+
+# -- steering over calls (the scripted engine) -----------------------------------------------
+
+
+def test_json_normal_form() -> None:
+    from steer.critics.extract import json_value
+
+    assert json_value('{"b": 1, "a": [1, 2]}') == json_value(' {"a":[1,2],\n"b":1}')
+    assert json_value('{"a": 1}') != json_value('{"a": 2}')
+    assert json_value('{"a": ') is None and json_value("[" * 100_000) is None
+
+
+@pytest.mark.anyio
+async def test_self_consistency_votes_on_the_normalised_call() -> None:
+    from steer.engine import Message, SamplingParams
+    from steer.search import Limits, Steerer, SteeringSpec, TemplateLibrary
+    from tests.fakes import FakeEngine
+
+    plan = plan_for("required", parallel=False)
+    constraint = plan.constraint()
+    engine = FakeEngine(max_model_len=4096)
+    steerer = Steerer(engine, Limits(), TemplateLibrary(), lambda name: None)
+    paris = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    engine.enqueue(paris, '{"arguments":{"city":"Paris"},"name":"get_weather"}',
+                   '{"name": "get_weather", "arguments": {"city": "Rome"}}')
+    spec = steerer.plan(SteeringSpec(strategy="self_consistency", options={"k": 3}))
+    result = await steerer.run(spec, (Message("user", "weather in Paris?"),),
+                               SamplingParams(max_tokens=40, constraint=constraint), None, "r")
+    votes = result.trace.to_dict()["votes"]
+    assert votes == {'{"arguments":{"city":"Paris"},"name":"get_weather"}': 2,
+                     '{"arguments":{"city":"Rome"},"name":"get_weather"}': 1}
+    assert engine.history[0].params.constraint == constraint
+    (call,) = parse_forced(plan, result.text).calls
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
