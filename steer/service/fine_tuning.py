@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
@@ -162,7 +162,9 @@ class FineTuning:
         except NotFound as exc:
             raise APIError(404, f"No fine-tuning job '{after}' to list after.",
                            type="not_found_error", param="after", code="job_not_found") from exc
-        return JobPage(data=[await self.render(j) for j in rows], has_more=more)
+        lineages = await self.lineages(rows)
+        return JobPage(data=[self._render(j, lineages.get(j.id)) for j in rows],
+                       has_more=more)
 
     async def cancel(self, job_id: str) -> FineTuningJob:
         await self._job(job_id)
@@ -205,6 +207,9 @@ class FineTuning:
                               last_id=data[-1].id if data else None)
 
     async def render(self, job: job_store.Job) -> FineTuningJob:
+        return self._render(job, (await self.lineages([job])).get(job.id))
+
+    def _render(self, job: job_store.Job, lineage: dict[str, Any] | None) -> FineTuningJob:
         kind = job.method.get("type", "supervised")
         hp = dict((job.method.get(kind) or {}).get("hyperparameters") or {})
         return FineTuningJob(
@@ -216,17 +221,17 @@ class FineTuning:
             model=job.model, result_files=job.result_files or [], seed=job.seed,
             status=job.status, trained_tokens=job.trained_tokens,  # type: ignore[arg-type]
             training_file=job.training_file, validation_file=job.validation_file,
-            metadata=job.job_metadata, method=job.method, lineage=await self.lineage(job))
+            metadata=job.job_metadata, method=job.method, lineage=lineage)
 
-    async def lineage(self, job: job_store.Job) -> dict[str, Any] | None:
-        """The trained model's lineage with its ancestors; None until the job published one."""
-        finals = [a for a in await adapter_store.adapters_of_job(self.db, job.id)
-                  if a.kind == "final"]
-        if not finals:
-            return None
-        final = finals[-1]
-        return {**final.lineage, "model": final.name, "status": final.status,
-                "ancestors": await adapter_store.ancestors(self.db, final.name)}
+    async def lineages(self, jobs: Sequence[job_store.Job]) -> dict[str, dict[str, Any]]:
+        """Each job's trained model's lineage with its ancestors (jobs that published none
+        are absent): a page of jobs costs two queries, plus one per generation of ancestors
+        Steer trained, never one per job."""
+        finals = await adapter_store.finals_of_jobs(self.db, [j.id for j in jobs])
+        chains = await adapter_store.chains(self.db, list(finals.values()))
+        return {job_id: {**final.lineage, "model": final.name, "status": final.status,
+                         "ancestors": chains[final.name]}
+                for job_id, final in finals.items()}
 
 
 class _Named:

@@ -12,6 +12,7 @@ Statuses: ready -> deleted | refused.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, String, Text, select, update
@@ -86,24 +87,58 @@ async def set_status(db: Database, name: str, status: str, error: str | None = N
                         .values(status=status, error=error))
 
 
+async def finals_of_jobs(db: Database, job_ids: Sequence[str]) -> dict[str, TrainedAdapter]:
+    """Each job's newest `final` adapter (any status), for a page of jobs in one query."""
+    if not job_ids:
+        return {}
+    async with db.session() as s:
+        rows = (await s.scalars(select(TrainedAdapter).where(
+            TrainedAdapter.job_id.in_(job_ids), TrainedAdapter.kind == "final")
+            .order_by(TrainedAdapter.created_at, TrainedAdapter.name))).all()
+    return {row.job_id: row for row in rows if row.job_id is not None}
+
+
 async def ancestors(db: Database, name: str) -> list[dict[str, Any]]:
     """The chain of models `name` descends from, nearest first: each trained ancestor with
     its job, kind and status, ending with the first parent Steer did not train (the base)."""
-    chain: list[dict[str, Any]] = []
-    seen = {name}
     async with db.session() as s:
         row = await s.get(TrainedAdapter, name)
-        parent = row.parent if row is not None else None
-        while parent is not None:
-            if parent in seen or len(chain) >= MAX_ANCESTORS:
-                chain.append({"model": parent, "truncated": True})
-                break
-            seen.add(parent)
-            up = await s.get(TrainedAdapter, parent)
-            if up is None:
-                chain.append({"model": parent, "trained_by_steer": False})
-                break
-            chain.append({"model": up.name, "trained_by_steer": True, "job_id": up.job_id,
-                          "kind": up.kind, "status": up.status})
-            parent = up.parent
-    return chain
+    if row is None:
+        return []
+    return (await chains(db, [row]))[name]
+
+
+async def chains(db: Database, rows: Sequence[TrainedAdapter]) -> dict[str, list[dict[str, Any]]]:
+    """`ancestors` of several adapters at once: one query per generation, however many rows
+    (a parent that is the row's own base model is known without one: Steer never trains a
+    base)."""
+    out: dict[str, list[dict[str, Any]]] = {row.name: [] for row in rows}
+    seen = {row.name: {row.name} for row in rows}
+    base = {row.name: row.base_model for row in rows}
+    walking = {row.name: row.parent for row in rows if row.parent is not None}
+    async with db.session() as s:
+        while walking:
+            for origin, parent in list(walking.items()):
+                if parent in seen[origin] or len(out[origin]) >= MAX_ANCESTORS:
+                    out[origin].append({"model": parent, "truncated": True})
+                    del walking[origin]
+                elif parent == base[origin]:
+                    out[origin].append({"model": parent, "trained_by_steer": False})
+                    del walking[origin]
+            wanted = set(walking.values())
+            found = {up.name: up for up in (await s.scalars(select(TrainedAdapter).where(
+                TrainedAdapter.name.in_(wanted)))).all()} if wanted else {}
+            for origin, parent in list(walking.items()):
+                up = found.get(parent)
+                seen[origin].add(parent)
+                if up is None:
+                    out[origin].append({"model": parent, "trained_by_steer": False})
+                    del walking[origin]
+                    continue
+                out[origin].append({"model": up.name, "trained_by_steer": True,
+                                    "job_id": up.job_id, "kind": up.kind, "status": up.status})
+                if up.parent is None:
+                    del walking[origin]
+                else:
+                    walking[origin] = up.parent
+    return out

@@ -225,3 +225,50 @@ async def test_a_file_delete_and_a_job_create_never_both_win(db: Database,
             assert isinstance(created, NotFound) and created.kind == "file", where
             assert deleted is None and not exists, where
     assert tried >= 3  # create and delete each take several statements
+
+
+# -- 5. the job listing's statements don't grow with the page ---------------------------------
+
+
+async def test_listing_20_jobs_with_models_costs_a_constant_number_of_statements(
+        tmp_path: Path) -> None:
+    import openai
+
+    from steer.service.app import create_app
+    from steer.service.settings import Settings
+    from steer.store import adapters as adapter_store
+    from tests.asgi import running
+    from tests.fakes import FakeEngine
+
+    settings = Settings(adapter_root=tmp_path / "adapters", adapter_sync_s=3600)
+    async with running(create_app(settings, FakeEngine())) as http:
+        db: Database = http.app.state.db  # type: ignore[attr-defined]
+        client = openai.AsyncOpenAI(base_url="http://steer/v1", api_key="unused",
+                                    http_client=http, max_retries=0)
+        f = await file_store.create_file(db, filename="f.jsonl", purpose="fine-tune",
+                                         content=b"{}\n", lines=1, kind="sft")
+        jobs = [await _job(db, f.id) for _ in range(20)]
+        for i, job_id in enumerate(jobs):  # every job trained a model; one learned another's
+            await adapter_store.record_adapter(
+                db, name=f"ft:fake-model::{job_id}", job_id=job_id, base_model="fake-model",
+                parent=f"ft:fake-model::{jobs[0]}" if i == 5 else "fake-model", path="/p",
+                kind="final", lineage={"method": "supervised"})
+        statements: list[str] = []
+        me = asyncio.current_task()
+
+        def count(_conn: Any, _cursor: Any, statement: str, *_rest: Any) -> None:
+            if asyncio.current_task() is me:  # the route runs in this task (ASGI in-process)
+                statements.append(statement)
+
+        event.listen(db.engine.sync_engine, "before_cursor_execute", count)
+        try:
+            page = await client.fine_tuning.jobs.list(limit=20)
+        finally:
+            event.remove(db.engine.sync_engine, "before_cursor_execute", count)
+        assert len(page.data) == 20
+        lineage = {j.id: j.model_extra["lineage"] for j in page.data}  # type: ignore[index]
+        assert lineage[jobs[0]]["ancestors"] == [{"model": "fake-model",
+                                                  "trained_by_steer": False}]
+        assert [a["model"] for a in lineage[jobs[5]]["ancestors"]] == [
+            f"ft:fake-model::{jobs[0]}", "fake-model"]
+        assert len(statements) <= 3, "\n".join(statements)
