@@ -173,7 +173,7 @@ def create_app(
     app.include_router(files_router(db, settings, authorized))
     app.include_router(fine_tuning_router(FineTuning(db, settings, lambda: engine.model_name)),
                        dependencies=[Depends(authorized)])
-    app.include_router(stored_router(db, [Depends(authorized)]))
+    app.include_router(stored_router(db, [Depends(authorized)], settings.max_file_bytes))
 
     @app.post("/v1/chat/completions", dependencies=generation)
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:

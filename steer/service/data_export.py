@@ -85,7 +85,7 @@ async def gather(spec: DatasetSpec, settings: Settings) -> Dataset:
     db = Database(settings.db_url())
     try:
         await db.start()
-        return await collect(db, spec)
+        return await collect(db, spec, settings.max_file_bytes)  # what a server would take
     finally:
         await db.close()
 

@@ -104,7 +104,9 @@ def page_of(items: list[StoredMessage], after: str | None, limit: int,
     return items[:limit], len(items) > limit
 
 
-def stored_router(db: Database, dependencies: Sequence[Depends]) -> APIRouter:
+def stored_router(db: Database, dependencies: Sequence[Depends],
+                  max_file_bytes: int | None = None) -> APIRouter:
+    """The routes; a dataset bigger than `max_file_bytes` is refused (400)."""
     router = APIRouter(dependencies=list(dependencies))
 
     @router.get("/v1/chat/completions", openapi_extra=METADATA_FILTER)
@@ -159,9 +161,9 @@ def stored_router(db: Database, dependencies: Sequence[Depends]) -> APIRouter:
     async def dataset(body: DatasetSpec) -> DatasetResult:
         """A training File (and a validation File) from stored completions."""
         try:
-            out = await export(db, body)
+            out = await export(db, body, max_file_bytes)
         except DatasetError as exc:
-            raise bad_request(str(exc), exc.param, code="no_training_data") from exc
+            raise bad_request(str(exc), exc.param, code=exc.code) from exc
         data = out.dataset
         return DatasetResult(
             training_file=file_object(out.training_file),

@@ -2,16 +2,21 @@
 lines (the request's messages plus the chosen answer) or OpenAI's preference (DPO) lines (the
 chosen candidate of a search against lower-scored candidates of the same search).
 
-`build` is pure (records in, lines and skip reasons out); `export` selects the records from
-the store, builds, splits off an optional validation set (by prompt, seeded, so a prompt's
-lines never land on both sides) and writes the result as Files.
+`build` is pure (records in, lines and skip reasons out); `collect` streams the records from
+the store in batches, building each batch in a thread (off the server's event loop), and
+stops as soon as the lines outgrow the size cap; `export` splits off an optional validation
+set (by prompt, seeded, so a prompt's lines never land on both sides) and writes the result
+as Files.
 
 Exceptions: `DatasetError` (nothing matches, or nothing usable came out), with the request
-field to blame when there is one.
+field to blame when there is one and an OpenAI error `code`; `DatasetTooLarge`, one of them,
+when the lines would exceed the cap on a File (`STEER_MAX_FILE_BYTES`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import random
 from collections import Counter
@@ -29,12 +34,21 @@ from steer.store.files import StoredFile, create_file
 # Trace roles whose nodes are whole answers to the prompt (a critic's verdict, a ToT root or
 # a debate summary is not), so one can be preferred to another.
 CANDIDATE_ROLES = frozenset({"generator", "candidate"})
+BATCH = 200  # stored completions (with their traces) read and built at a time
 
 
 class DatasetError(Exception):
+    code = "no_training_data"
+
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+
+
+class DatasetTooLarge(DatasetError):
+    """The lines would outgrow the largest File this server stores."""
+
+    code = "dataset_too_large"
 
 
 class DatasetSpec(BaseModel):
@@ -165,27 +179,47 @@ def _prompt_key(line: Mapping[str, Any]) -> str:
     return json.dumps(messages, sort_keys=True)
 
 
+class Builder:
+    """`build`, one batch of records at a time: lines of `spec.kind`, deduplicated (same
+    prompt and answer(s)) across batches, and their size as JSONL so far."""
+
+    def __init__(self, spec: DatasetSpec) -> None:
+        self.spec = spec
+        self.data = Dataset()
+        self.lines: list[dict[str, Any]] = []
+        self.bytes = 0
+        self._seen: set[bytes] = set()  # digests of the lines kept: a fraction of their size
+
+    def add(self, records: Iterable[Record]) -> None:
+        spec = self.spec
+        for record in records:
+            self.data.completions += 1
+            made, reason = (sft_lines(record, spec.include_truncated) if spec.kind == "sft"
+                            else preference_lines(record))
+            if reason is not None:
+                self.data.skipped[reason] += 1
+            for line in made:
+                key = hashlib.blake2b(_key(line).encode(), digest_size=16).digest()
+                if spec.dedupe and key in self._seen:
+                    self.data.skipped["duplicate"] += 1
+                    continue
+                self._seen.add(key)
+                self.lines.append(line)
+                self.bytes += len(_encode(line))
+
+    def finish(self) -> Dataset:
+        """The lines, split (`spec.validation_fraction` of the prompts, by `spec.seed`)."""
+        self.data.training, self.data.validation = split(
+            self.lines, self.spec.validation_fraction, self.spec.seed)
+        return self.data
+
+
 def build(records: Iterable[Record], spec: DatasetSpec) -> Dataset:
     """Lines of `spec.kind` from `records`, deduplicated (same prompt and answer(s)), then
     split (`spec.validation_fraction` of the prompts, chosen by `spec.seed`)."""
-    data = Dataset()
-    lines: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    for record in records:
-        data.completions += 1
-        made, reason = (sft_lines(record, spec.include_truncated) if spec.kind == "sft"
-                        else preference_lines(record))
-        if reason is not None:
-            data.skipped[reason] += 1
-        for line in made:
-            key = _key(line)
-            if spec.dedupe and key in seen:
-                data.skipped["duplicate"] += 1
-                continue
-            seen.add(key)
-            lines.append(line)
-    data.training, data.validation = split(lines, spec.validation_fraction, spec.seed)
-    return data
+    builder = Builder(spec)
+    builder.add(records)
+    return builder.finish()
 
 
 def split(lines: list[dict[str, Any]], fraction: float,
@@ -201,14 +235,41 @@ def split(lines: list[dict[str, Any]], fraction: float,
             [line for line in lines if _prompt_key(line) in held])
 
 
-async def collect(db: Database, spec: DatasetSpec) -> Dataset:
-    """`build` over the stored completions `spec` selects."""
-    records = [r async for r in select_completions(db, spec.selection())]
-    return build(records, spec)
+async def collect(db: Database, spec: DatasetSpec, max_bytes: int | None = None,
+                  batch: int = BATCH) -> Dataset:
+    """`build` over the stored completions `spec` selects, `batch` records at a time, each
+    built in a thread; `DatasetTooLarge` as soon as the lines exceed `max_bytes` (so a huge
+    selection is never held in memory, let alone written)."""
+    builder = Builder(spec)
+    records: list[Record] = []
+    async for record in select_completions(db, spec.selection(), batch=batch):
+        records.append(record)
+        if len(records) == batch:
+            await _add(builder, records, max_bytes)
+            records = []
+    await _add(builder, records, max_bytes)
+    return await asyncio.to_thread(builder.finish)
+
+
+async def _add(builder: Builder, records: list[Record], max_bytes: int | None) -> None:
+    if records:
+        await asyncio.to_thread(builder.add, records)
+    if max_bytes is not None and builder.bytes > max_bytes:
+        shown = json.dumps(builder.spec.filters()) if builder.spec.filters() else "none"
+        raise DatasetTooLarge(
+            f"the dataset would be larger than this server's largest file, {max_bytes} "
+            f"bytes (STEER_MAX_FILE_BYTES): {builder.bytes} bytes of {builder.spec.kind} "
+            f"lines from the first {builder.data.completions} matching stored completions "
+            f"already; narrow the filters ({shown}: metadata, model, strategy, min_score, "
+            "created_after, created_before) or raise the limit")
+
+
+def _encode(line: dict[str, Any]) -> bytes:
+    return (json.dumps(line, ensure_ascii=False) + "\n").encode()
 
 
 def jsonl(lines: list[dict[str, Any]]) -> bytes:
-    return "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode()
+    return b"".join(_encode(line) for line in lines)
 
 
 def check(data: Dataset, spec: DatasetSpec) -> None:
@@ -222,22 +283,25 @@ def check(data: Dataset, spec: DatasetSpec) -> None:
                            f"{spec.kind} lines: skipped {dict(data.skipped)}", "kind")
 
 
-async def export(db: Database, spec: DatasetSpec) -> Exported:
+async def export(db: Database, spec: DatasetSpec, max_bytes: int | None = None) -> Exported:
     """Build the dataset `spec` asks for and store it as a training File (and a validation
-    File when a split was asked for and made)."""
-    data = await collect(db, spec)
+    File when a split was asked for and made); `DatasetTooLarge` past `max_bytes` of lines
+    (both Files together), before anything is stored."""
+    data = await collect(db, spec, max_bytes)
     check(data, spec)
     stem = (spec.filename or f"steer-{spec.kind}-{now()}").removesuffix(".jsonl")
     source = {"type": "stored_completions", "filters": spec.filters(),
               "completions": data.completions, "kind": spec.kind}
     training = await create_file(
-        db, filename=f"{stem}.jsonl", purpose="fine-tune", content=jsonl(data.training),
+        db, filename=f"{stem}.jsonl", purpose="fine-tune",
+        content=await asyncio.to_thread(jsonl, data.training),
         lines=len(data.training), kind=spec.kind, source={**source, "split": "training"})
     validation = None
     if data.validation:
         validation = await create_file(
             db, filename=f"{stem}-validation.jsonl", purpose="fine-tune",
-            content=jsonl(data.validation), lines=len(data.validation), kind=spec.kind,
+            content=await asyncio.to_thread(jsonl, data.validation),
+            lines=len(data.validation), kind=spec.kind,
             source={**source, "split": "validation", "seed": spec.seed,
                     "fraction": spec.validation_fraction})
     return Exported(training, validation, data)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,15 @@ from steer.service.app import create_app
 from steer.service.cli import main
 from steer.service.settings import Settings
 from steer.store.completions import (
+    NewCompletion,
     Selection,
     StoredCompletion,
+    insert_completions,
     list_completions,
     select_completions,
 )
-from steer.store.files import file_content
+from steer.store.files import file_content, list_files
+from steer.training import datasets
 from steer.training.datasets import DatasetSpec, build, split
 from steer.training.formats import validate_jsonl
 from tests.asgi import running
@@ -183,3 +187,49 @@ async def test_a_date_beyond_64_bits_is_a_400_not_a_500(app_client: httpx.AsyncC
     r = await app_client.post(DATASETS, json={"created_after": 2**64})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == "created_after"
+
+
+async def insert_answers(db: Any, count: int, answer: str) -> None:
+    await insert_completions(db, [NewCompletion(
+        id=f"chatcmpl-big{i}", created=1000 + i, model="fake-model",
+        request={"messages": [{"role": "user", "content": f"question {i}"}]},
+        response={"id": f"chatcmpl-big{i}", "choices": [
+            {"index": 0, "finish_reason": "stop",
+             "message": {"role": "assistant", "content": answer}}]},
+        metadata={"run": "big"}) for i in range(count)])
+
+
+async def test_building_runs_off_the_event_loop(app_client: httpx.AsyncClient,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Turning records into lines is CPU work: on the loop, a large export would stall every
+    request the server is answering."""
+    await insert_answers(app_client.app.state.db, 5, "42")  # type: ignore[attr-defined]
+    threads: list[int] = []
+    real = datasets.sft_lines
+
+    def watched(*args: Any, **kw: Any) -> Any:
+        threads.append(threading.get_ident())
+        return real(*args, **kw)
+
+    monkeypatch.setattr(datasets, "sft_lines", watched)
+    r = await app_client.post(DATASETS, json={"kind": "sft", "metadata": {"run": "big"}})
+    assert r.status_code == 200, r.text
+    assert len(threads) == 5 and threading.get_ident() not in threads
+
+
+async def test_a_dataset_over_the_file_cap_is_refused_before_it_is_stored(
+        fake_engine: FakeEngine) -> None:
+    settings = Settings(max_file_bytes=1024)
+    async with running(create_app(settings, fake_engine)) as client:
+        db = client.app.state.db  # type: ignore[attr-defined]
+        await insert_answers(db, 8, "x" * 200)  # ~8 x 260 bytes of lines: over 1 KiB
+        r = await client.post(DATASETS, json={"kind": "sft", "metadata": {"run": "big"}})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["code"] == "dataset_too_large"
+        assert "1024" in error["message"] and "STEER_MAX_FILE_BYTES" in error["message"]
+        assert '"run": "big"' in error["message"]  # the filters to narrow
+        assert (await list_files(db)).data == []  # nothing half-written
+        r = await client.post(DATASETS, json={  # narrowed, it fits
+            "kind": "sft", "metadata": {"run": "big"}, "created_before": 1003})
+        assert r.status_code == 200 and r.json()["lines"] == 3, r.text
