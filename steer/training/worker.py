@@ -11,8 +11,10 @@ A job's life here: claim (`running`, one worker wins), heartbeat while it runs, 
 files, train, `publish` (record a `TrainedAdapter` and wait until the server lists it in
 /v1/models), then `succeeded` with `fine_tuned_model`. Cancelled meanwhile: the trainer is
 killed. Any failure: `failed` with the reason as its last event. Either way, every adapter
-the job recorded is marked deleted (servers unload it): nothing half-registered. A worker
-starting fails the running jobs it owned, and any whose heartbeat went stale.
+the job recorded is marked deleted (servers unload it) and its directory under the adapter
+root (rows, specs, adapters) is removed: nothing half-registered, nothing left on disk. A
+worker starting fails the running jobs it owned, and any whose heartbeat went stale, and
+cleans up after them the same way.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import socket
 from dataclasses import dataclass, field
@@ -82,7 +85,7 @@ class Worker:
         failed = await job_store.recover(self.db, worker=self.config.name,
                                          stale_s=self.config.stale_s)
         for job_id in failed:
-            await self._forget_adapters(job_id)
+            await self._discard(job_id)
         if failed:
             logger.warning("failed %d job(s) left running by a stopped worker: %s",
                            len(failed), ", ".join(failed))
@@ -115,7 +118,7 @@ class Worker:
         """Claim and run one job; False when none was queued. Also fails stale jobs of
         other workers (a machine that died without a restart)."""
         for job_id in await job_store.recover(self.db, stale_s=self.config.stale_s):
-            await self._forget_adapters(job_id)
+            await self._discard(job_id)
         job = await job_store.claim_job(self.db, self.config.name)
         if job is None:
             return False
@@ -158,7 +161,7 @@ class Worker:
         except asyncio.CancelledError:  # the worker is stopping: the job can't finish
             await asyncio.shield(self._end(job, "worker_stopped", "the worker was stopped "
                                            "(server shutdown); create the job again"))
-            await asyncio.shield(self._forget_adapters(job.id))
+            await asyncio.shield(self._discard(job.id))
             raise
         except Conflict as exc:  # a name taken, or the job is no longer ours to finish
             await self._end(job, "training_failed", str(exc))
@@ -170,7 +173,7 @@ class Worker:
         except Exception as exc:  # a bug must fail its job, not the worker that runs jobs
             logger.exception("job %s failed", job.id)
             await self._end(job, "internal_error", f"{type(exc).__name__}: {exc}")
-        await self._forget_adapters(job.id)
+        await self._discard(job.id)
 
     async def _end(self, job: job_store.Job, code: str, message: str) -> None:
         """Fail the job with `message`, unless it already ended (cancelled: say it stopped)."""
@@ -183,9 +186,17 @@ class Worker:
         except Conflict:  # cancelled between the read and the write
             await job_store.add_event(self.db, job.id, f"Training stopped: {message}")
 
-    async def _forget_adapters(self, job_id: str) -> None:
+    async def _discard(self, job_id: str) -> None:
+        """What a job that did not succeed leaves: its adapters are marked deleted (servers
+        unload them), then its directory goes (a succeeded job's adapters are served from
+        theirs, so it stays)."""
         for row in await adapter_store.adapters_of_job(self.db, job_id):
             await adapter_store.set_status(self.db, row.name, "deleted")
+        await asyncio.to_thread(_remove_tree, self.job_dir(job_id))
+
+    def job_dir(self, job_id: str) -> Path:
+        """Where a job's rows, specs and adapters go (`JobContext.job_dir`)."""
+        return self.config.adapters_dir / "jobs" / job_id
 
     async def context(self, job: job_store.Job) -> JobContext:
         training = await file_store.get_file(self.db, job.training_file)
@@ -214,6 +225,15 @@ class Worker:
         lineage = {"method": kind, "round": None, "hyperparameters": outcome.hyperparameters,
                    "metrics": outcome.metrics()}
         return await ctx.publish(outcome.adapter_dir, expert.final_name(job), "final", lineage)
+
+
+def _remove_tree(path: Path) -> None:
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:  # the job never wrote anything (or another worker cleaned up)
+        return
+    except OSError as exc:  # the job has ended either way: a leftover is logged, not fatal
+        logger.warning("could not remove %s: %s", path, exc)
 
 
 async def run_worker(config: WorkerConfig) -> None:

@@ -326,3 +326,34 @@ async def test_the_worker_loop_survives_a_store_error(
 
 async def _nothing() -> None:
     """The fixture closes the store."""
+
+
+@pytest.mark.parametrize("mode", ["crash", "refused", "cancelled", "ok"])
+async def test_a_job_that_did_not_succeed_leaves_no_directory(
+        setup: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """Rows, specs and adapters a failed or cancelled job wrote are removed; a succeeded
+    job's adapter stays (it is served from there)."""
+    s = setup
+    if mode == "refused":  # trained and written, then refused by the server
+        monkeypatch.setenv("FAKE_ADAPTER", str(write_adapter(tmp_path / "big", rank=32)))
+    monkeypatch.setenv("FAKE_TRAINER", {"cancelled": "hang"}.get(mode, mode))
+    job_id = await sft_job(s)
+    job_dir = s.adapters / "jobs" / job_id
+    run = asyncio.create_task(s.worker.run_once())
+    async with asyncio.timeout(20):
+        while not job_dir.exists():
+            await asyncio.sleep(0.02)
+        if mode == "cancelled":
+            while "Step 1/2" not in " ".join(await messages(s, job_id)):
+                await asyncio.sleep(0.05)
+            await s.client.fine_tuning.jobs.cancel(job_id)
+        await run
+    job = await s.client.fine_tuning.jobs.retrieve(job_id)
+    if mode == "ok":
+        assert job.status == "succeeded"
+        [row] = await adapter_store.adapters_of_job(s.db, job_id)
+        assert Path(row.path).is_dir()  # noqa: ASYNC240
+        assert Path(row.path).is_relative_to(job_dir)
+    else:
+        assert job.status == ("cancelled" if mode == "cancelled" else "failed")
+        assert not job_dir.exists(), sorted(p.name for p in job_dir.iterdir())
