@@ -10,7 +10,18 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Tag, model_serializer, model_validator
+
+from steer.service.fields import (
+    LogitBias,
+    Modalities,
+    PartKind,
+    PromptCacheRetention,
+    SafetyIdentifier,
+    ServiceTier,
+    TextOnly,
+    Verbosity,
+)
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -78,6 +89,7 @@ class _Sampling(_Request):
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
     min_tokens: int | None = Field(None, ge=0)  # vLLM's: no stop or EOS before this many tokens
+    logit_bias: LogitBias | None = None
     steering: SteeringSpec | None = None
 
     def stop_list(self) -> tuple[str, ...]:
@@ -101,17 +113,36 @@ class TextPart(_Request):
     text: str
 
 
+class RefusalPart(_Request):
+    """An assistant's refusal in the history (assistant messages only: `fields.py`)."""
+
+    type: Literal["refusal"]
+    refusal: str
+
+
+# Image, audio and file parts are refused by position (`fields.TextOnly`): text-only model.
+ContentPart = Annotated[
+    Annotated[TextPart, Tag("TextPart")] | Annotated[RefusalPart, Tag("RefusalPart")],
+    PartKind, TextOnly,
+]
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
+    refusal: str | None = None  # an assistant message's refusal (OpenAI's field)
 
     def text(self) -> str:
-        if self.content is None:
-            return ""
+        """What the message says, as the model reads it: a refusal is what the assistant
+        said (in a part or in `refusal`), so it is part of that turn's text."""
         if isinstance(self.content, str):
-            return self.content
-        return "\n".join(part.text for part in self.content)
+            said = [self.content]
+        else:
+            said = [p.text if isinstance(p, TextPart) else p.refusal for p in self.content or ()]
+        if self.refusal is not None:
+            said.append(self.refusal)
+        return "\n".join(said)
 
 
 class ChatCompletionRequest(_Sampling):
@@ -126,6 +157,27 @@ class ChatCompletionRequest(_Sampling):
     # OpenAI's stored completions: keep this one (null: the server's STEER_STORE decides).
     store: bool | None = None
     metadata: Metadata | None = None
+    # OpenAI's fields common SDKs send (what each does here: `fields.py`).
+    service_tier: ServiceTier | None = None
+    modalities: Modalities | None = None
+    safety_identifier: SafetyIdentifier | None = None
+    # Accepted, with nothing to do: vLLM's prefix cache is keyed by the prompt's own tokens,
+    # so requests that share a prefix share its cache whatever key they carry (and across
+    # keys); OpenAI uses the key to route similar requests to one cache, which one engine
+    # per server (and one upstream per search, behind a remote engine) already is.
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: PromptCacheRetention | None = None
+    verbosity: Verbosity | None = None
+
+    def end_user(self) -> str | None:
+        """Who the request is for, for per-user limits: `safety_identifier` is OpenAI's
+        successor to `user` for telling end users apart."""
+        return self.safety_identifier or self.user
+
+    def tier_used(self) -> Literal["default"] | None:
+        """The `service_tier` a response reports: the tier that served it, when one was
+        asked for (OpenAI's convention)."""
+        return None if self.service_tier is None else "default"
 
     def max_tokens_field(self) -> tuple[str, int | None]:
         """Which field set the completion limit (for error messages), and its value."""
@@ -142,6 +194,8 @@ class CompletionRequest(_Sampling):
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for this legacy endpoint
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
+    best_of: Literal[1] | None = None  # 1: one candidate per choice, OpenAI's default
+    suffix: Annotated[str, Field(max_length=0)] | None = None  # no insert mode (fields.py)
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
@@ -222,13 +276,15 @@ class ChatCompletion(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
+    service_tier: Literal["default"] | None = None  # only when the request named one
     steering_trace: dict[str, Any] | None = None
 
     @model_serializer(mode="wrap")
     def _omit_trace(self, handler: Any) -> dict[str, Any]:
         data: dict[str, Any] = handler(self)
-        if data.get("steering_trace") is None:
-            data.pop("steering_trace", None)
+        for name in ("steering_trace", "service_tier"):
+            if data.get(name) is None:
+                data.pop(name, None)
         return data
 
 
@@ -257,13 +313,15 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChunkChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+    service_tier: Literal["default"] | None = None  # only when the request named one
     steering: dict[str, Any] | None = None  # search progress, on chunks with empty deltas
 
     @model_serializer(mode="wrap")
     def _omit_steering(self, handler: Any) -> dict[str, Any]:
         data: dict[str, Any] = handler(self)
-        if data.get("steering") is None:
-            data.pop("steering", None)
+        for name in ("steering", "service_tier"):
+            if data.get(name) is None:
+                data.pop(name, None)
         return data
 
 

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from sse_starlette import EventSourceResponse
 from sse_starlette.sse import SendTimeoutError
@@ -39,6 +39,7 @@ from steer.service.errors import (
     internal_error,
     sse_error,
 )
+from steer.service.fields import logit_bias_pairs, role_violation
 from steer.service.limits import check_messages, check_prompts, request_key
 from steer.service.metrics import Metrics
 from steer.service.protocol import (
@@ -106,6 +107,9 @@ class Serving:
     def check_chat_size(self, req: ChatCompletionRequest) -> None:
         s = self.settings
         check_messages([m.text() for m in req.messages], s.max_messages, s.max_prompt_chars)
+        violation = role_violation(req.messages)
+        if violation is not None:
+            raise bad_request(*violation)
 
     def work(self, prompt_chars: int, sequences: int, max_tokens: int | None) -> int:
         """Tokens a request may make the engine process: every sequence's new tokens (the
@@ -159,6 +163,7 @@ class Serving:
             seed=req.seed,
             logprobs=logprobs,
             min_tokens=req.min_tokens or 0,
+            logit_bias=logit_bias_pairs(req.logit_bias),
         )
 
     @staticmethod
@@ -179,7 +184,7 @@ class Serving:
         params = self.sampling(req, req.max_tokens_field(), logprobs)
         messages = [to_message(m.role, m.text()) for m in req.messages]
         admit = Admit(self.work(sum(len(m.content) for m in messages), params.n,
-                                params.max_tokens), request_key(req.user))
+                                params.max_tokens), request_key(req.end_user()))
         adapter_name = adapter.name if adapter else None
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -189,6 +194,7 @@ class Serving:
                 assert isinstance(out, ChatRenderer)
                 self.record(Finished(req, ChatCompletion(
                     id=out.id, created=out.created, model=req.model, usage=usage,
+                    service_tier=req.tier_used(),
                     choices=[ChatChoice(index=i, message=AssistantMessage(content=texts.get(i, "")),
                                         finish_reason=finish.get(i, "stop"))
                              for i in range(params.n)],
@@ -196,7 +202,8 @@ class Serving:
 
             return await self._stream(
                 messages, params, CHAT, "messages", include_usage,
-                lambda: ChatRenderer(req.model), admit, adapter, req.max_tokens_field()[0],
+                lambda: ChatRenderer(req.model, req.tier_used()), admit, adapter,
+                req.max_tokens_field()[0],
                 on_end=stored if self.storing(req, steered=False) else None,
             )
         gens = await self._generate(http, [messages], params, CHAT, "messages", admit, adapter,
@@ -215,6 +222,7 @@ class Serving:
                 for g in gens
             ],
             usage=_usage(gens),
+            service_tier=req.tier_used(),
         )
         self.record(Finished(req, completion, adapter_name))
         return completion
@@ -450,14 +458,15 @@ class Renderer:
 
 
 class ChatRenderer(Renderer):
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, service_tier: Literal["default"] | None = None) -> None:
         self.id, self.created, self.model = new_id("chatcmpl"), now(), model
+        self.service_tier = service_tier  # on every chunk, as OpenAI sends it
 
     def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None,
                steering: dict[str, Any] | None = None) -> str:
         return ChatCompletionChunk(
             id=self.id, created=self.created, model=self.model, choices=choices, usage=usage,
-            steering=steering,
+            service_tier=self.service_tier, steering=steering,
         ).model_dump_json()
 
     def start(self, n: int) -> list[str]:

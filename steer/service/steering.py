@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
 from starlette.requests import Request
@@ -118,7 +118,7 @@ class SteeredChat:
         if prompt_tokens >= engine.max_model_len:
             raise from_search_error(PromptTooLong(prompt_tokens, None, engine.max_model_len))
         rid = new_id("steer")
-        admit = Admit(self._work(plan, params, prompt_tokens), request_key(req.user))
+        admit = Admit(self._work(plan, params, prompt_tokens), request_key(req.end_user()))
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             stream = self.steerer.stream(plan, messages, params, adapter, rid)
@@ -127,13 +127,15 @@ class SteeredChat:
                        trace: dict[str, Any] | None) -> None:
                 self.serving.record(Finished(req, ChatCompletion(
                     id=out.id, created=out.created, model=model, usage=_usage(result),
+                    service_tier=req.tier_used(),
                     choices=[ChatChoice(index=0, message=AssistantMessage(content=result.text),
                                         finish_reason=result.finish_reason)],
                 ), adapter.name if adapter else None, spec, trace or result.trace, rid))
 
             return await self._stream(stream, plan.name, model, include_usage, rid,
                                       plan.trace, admit,
-                                      stored if self.serving.storing(req, True) else None)
+                                      stored if self.serving.storing(req, True) else None,
+                                      tier=req.tier_used())
         ticket = await self.admission.acquire(admit.work, admit.key)
         start = time.perf_counter()
         try:
@@ -153,7 +155,7 @@ class SteeredChat:
             id=new_id("chatcmpl"), created=now(), model=model,
             choices=[ChatChoice(index=0, message=AssistantMessage(content=result.text),
                                 finish_reason=result.finish_reason)],
-            usage=_usage(result),
+            usage=_usage(result), service_tier=req.tier_used(),
             steering_trace=self._trace(result, rid) if plan.trace else None,
         )
         data = body.model_dump()
@@ -174,12 +176,12 @@ class SteeredChat:
         self, stream: AsyncGenerator[Progress | StreamDelta | SteerResult, None], name: str,
         model: str, include_usage: bool, rid: str, trace: bool, admit: Admit,
         on_result: Callable[[ChatRenderer, SteerResult, dict[str, Any] | None], None] | None
-        = None,
+        = None, tier: Literal["default"] | None = None,
     ) -> GuardedEventSource:
         # Validation is done (plan); headers go out now and progress streams as it happens.
         ticket = await self.admission.acquire(admit.work, admit.key)
         start = time.perf_counter()
-        out = ChatRenderer(model)
+        out = ChatRenderer(model, tier)
 
         async def events() -> AsyncGenerator[str, None]:
             for event in out.start(1):
