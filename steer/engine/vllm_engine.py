@@ -331,6 +331,7 @@ class VllmEngine(Engine):
                         prompt_index=p_index,
                         index=c.index * copies + k,
                         logprobs=_logprobs(c.token_ids, c.logprobs, params.logprobs),
+                        cached_tokens=out.num_cached_tokens,
                     )
                     for k in range(copies)
                 )
@@ -351,6 +352,7 @@ class VllmEngine(Engine):
         ids = await self._prompt_ids_off_loop(prompt)
         max_tokens = self._fit(ids, params.max_tokens)
         completion_tokens = 0
+        cached_tokens: int | None = None
         self._groups[rid] = {rid}
         try:
             async for out in llm.generate(
@@ -359,6 +361,8 @@ class VllmEngine(Engine):
                 rid,
                 lora_request=self._lora(adapter),
             ):
+                if out.num_cached_tokens is not None:  # known once the prompt is prefilled
+                    cached_tokens = out.num_cached_tokens
                 for c in out.outputs:
                     completion_tokens += len(c.token_ids) * copies
                     if not c.text and not c.token_ids and c.finish_reason is None:
@@ -378,7 +382,8 @@ class VllmEngine(Engine):
             raise self._translate(exc) from exc
         finally:
             self._groups.pop(rid, None)
-        yield StreamEnd(prompt_tokens=len(ids), completion_tokens=completion_tokens)
+        yield StreamEnd(prompt_tokens=len(ids), completion_tokens=completion_tokens,
+                        cached_tokens=cached_tokens)
 
     async def abort(self, request_id: str) -> None:
         ids = self._groups.pop(request_id, set())

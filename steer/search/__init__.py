@@ -16,6 +16,7 @@ from steer.search.base import (
     StrategyOptions,
     register_strategy,
 )
+from steer.search.choices import choice_id, run_many, stream_many
 from steer.search.runner import Limits, Plan, Progress, Steerer, SteeringSpec
 from steer.search.session import Budget, BudgetExhausted, SearchError, Session, SteeringInvalid
 from steer.search.templates import TemplateLibrary
@@ -42,9 +43,12 @@ __all__ = [
     "StrategyOptions",
     "TemplateLibrary",
     "Trace",
+    "choice_id",
     "from_optillm",
     "register_strategy",
+    "run_many",
     "split_model",
     "strategies",
+    "stream_many",
     "with_reasoning_effort",
 ]

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from steer.critics import Candidate, Critic, Question, Score, mean_logprob
 from steer.critics.quoting import Cut
-from steer.engine import AdapterRef, Generation, Message, Prompt, SamplingParams
+from steer.engine import AdapterRef, Generation, Message, Prompt, SamplingParams, TokenLogprob
 from steer.search.session import BudgetExhausted, Limit, Session
 from steer.search.trace import Node, Trace
 
@@ -55,6 +55,15 @@ class SteerResult:
     pruned: int
     budget_exhausted: bool
     trace: Trace
+    cached_tokens: int | None = None  # prompt tokens the engine's prefix cache served
+    answer_tokens: int = 0  # completion tokens of the returned answer itself
+    logprobs: tuple[TokenLogprob, ...] | None = None  # the answer's, when it is one generation
+    index: int = 0  # which of the request's choices (n searches, or several prompts)
+
+    @property
+    def reasoning_tokens(self) -> int:
+        """Completion tokens spent beyond the returned answer (OpenAI's reasoning tokens)."""
+        return max(0, self.completion_tokens - self.answer_tokens)
 
 
 @dataclass
@@ -71,6 +80,9 @@ class Context:
     progress: list[dict[str, Any]] = field(default_factory=list)
     cache: dict[Any, Any] = field(default_factory=dict)
     budget_cut: BudgetExhausted | None = None  # set when the run did less than asked
+    # The engine's output behind each generated node (by node id): the answer's logprobs,
+    # token count and token pieces come from here when that node is returned.
+    outputs: dict[int, Generation] = field(default_factory=dict)
 
     def cut(self, limit: Limit, what: str) -> None:
         """Record that the budget made this run do less than its options asked."""
@@ -99,6 +111,12 @@ class Context:
         return await self.session.fit(build, self.session.answer_room(max_tokens))
 
     @property
+    def answer_logprobs(self) -> int:
+        """`logprobs` for calls whose output may be returned: the client's top-k when it
+        asked for logprobs, else 0 (the sampled token's logprob, which critics read)."""
+        return self.params.logprobs or 0
+
+    @property
     def question(self) -> Question:
         return Question(self.messages)
 
@@ -117,14 +135,16 @@ class Context:
         self, gens: Sequence[Generation], role: str, round: int = 0, parent: int | None = None
     ) -> list[Node]:
         now = self.session.elapsed()
-        return [
-            self.trace.add(
+        nodes = []
+        for g in gens:
+            node = self.trace.add(
                 role, g.text, parent=parent, round=round, tokens=g.completion_tokens,
                 ended_s=round_s(now),
                 meta={"mean_logprob": mean_logprob(g), "finish_reason": g.finish_reason},
             )
-            for g in gens
-        ]
+            self.outputs[node.id] = g
+            nodes.append(node)
+        return nodes
 
     async def score(self, nodes: Sequence[Node], critic: Critic | None = None) -> list[Score]:
         """Score `nodes` with the critic in one batch, recording each score on its node."""
@@ -151,6 +171,9 @@ class Strategy(ABC):
     name: ClassVar[str]
     Options: ClassVar[type[StrategyOptions]] = StrategyOptions
     default_critic: ClassVar[str | None] = None
+    # False when the answer may be assembled from several generations (ToT's chain of
+    # steps): it then has no logprobs of its own to return.
+    answer_is_generation: ClassVar[bool] = True
 
     def __init__(self, options: StrategyOptions, critic: Critic | None) -> None:
         self.options = options

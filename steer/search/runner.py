@@ -17,13 +17,22 @@ import asyncio
 import math
 import re
 from collections.abc import AsyncGenerator, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from steer.critics import CRITICS, Critic
-from steer.engine import AdapterRef, Engine, Message, SamplingParams, StreamDelta, StreamEnd
+from steer.engine import (
+    AdapterRef,
+    Engine,
+    Generation,
+    Message,
+    SamplingParams,
+    StreamDelta,
+    StreamEnd,
+    TokenLogprob,
+)
 from steer.search.base import (
     STRATEGIES,
     Context,
@@ -85,6 +94,7 @@ LIMITS: tuple[Limit, ...] = get_args(Limit)
 @dataclass(frozen=True)
 class Progress:
     event: dict[str, Any]
+    index: int = 0  # the choice whose search reported it
 
 
 @dataclass(frozen=True)
@@ -261,7 +271,8 @@ class Steerer:
             return FinalText(_best_so_far(ctx, exc)), True
         return final, ctx.budget_cut is not None
 
-    def _result(self, ctx: Context, text: str, finish: str, exhausted: bool) -> SteerResult:
+    def _result(self, ctx: Context, text: str, finish: str, exhausted: bool, index: int,
+                answer_tokens: int, logprobs: tuple[TokenLogprob, ...] | None) -> SteerResult:
         s = ctx.session
         nodes = ctx.trace.nodes
         ctx.trace.info["elapsed_s"] = round(s.elapsed(), 4)
@@ -270,7 +281,9 @@ class Steerer:
             completion_tokens=s.completion_tokens, model_calls=s.model_calls,
             candidates=sum(1 for n in nodes if n.role != "critic"),
             pruned=sum(1 for n in nodes if n.pruned), budget_exhausted=exhausted,
-            trace=ctx.trace,
+            trace=ctx.trace, cached_tokens=s.cached_tokens,
+            answer_tokens=min(answer_tokens, s.completion_tokens),
+            logprobs=logprobs if ctx.params.logprobs is not None else None, index=index,
         )
 
     async def run(
@@ -288,7 +301,9 @@ class Steerer:
     async def stream(
         self, plan: Plan, messages: tuple[Message, ...], params: SamplingParams,
         adapter: AdapterRef | None, request_id: str, stream_final: bool = True,
+        index: int = 0,
     ) -> AsyncGenerator[Progress | StreamDelta | SteerResult, None]:
+        """One search: its progress, then its answer (deltas with `index`), then its result."""
         ctx = self._context(plan, messages, params, adapter, request_id)
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         ctx.progress = _QueueList(queue)
@@ -298,20 +313,24 @@ class Steerer:
                 getter = asyncio.ensure_future(queue.get())
                 await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
                 if getter.done():
-                    yield Progress(getter.result())
+                    yield Progress(getter.result(), index)
                 else:
                     getter.cancel()
             while not queue.empty():
-                yield Progress(queue.get_nowait())
+                yield Progress(queue.get_nowait(), index)
             final, exhausted = task.result()
             if isinstance(final, FinalText):
                 final.node.chosen = True
+                gen = ctx.outputs.get(final.node.id)
                 if stream_final:
-                    for piece in _pieces(final.node.text):
-                        yield StreamDelta(index=0, text=piece, new_tokens=0)
-                yield self._result(ctx, final.node.text, final.finish_reason, exhausted)
+                    for delta in _answer_deltas(final.node.text, gen, index):
+                        yield delta
+                yield self._result(
+                    ctx, final.node.text, final.finish_reason, exhausted, index,
+                    gen.completion_tokens if gen else final.node.tokens,
+                    gen.logprobs if gen else None)
                 return
-            async for item in self._final(plan, ctx, final, stream_final):
+            async for item in self._final(plan, ctx, final, stream_final, index):
                 yield item
         finally:
             if not task.done():
@@ -319,23 +338,27 @@ class Steerer:
             await ctx.session.abort_all()
 
     async def _final(
-        self, plan: Plan, ctx: Context, final: FinalPrompt, stream_final: bool
+        self, plan: Plan, ctx: Context, final: FinalPrompt, stream_final: bool, index: int,
     ) -> AsyncGenerator[StreamDelta | SteerResult, None]:
         """The last generation: streamed token by token, within what is left of the budget."""
         left = plan.budget.timeout_s - ctx.session.elapsed()
         text, finish, exhausted = "", "stop", ctx.budget_cut is not None
+        tokens, logprobs = 0, list[TokenLogprob]()
         deadline = asyncio.timeout(max(left, 0.001))
         try:
             try:
                 async with deadline:
                     async for item in ctx.session.stream(final.messages, final.params):
                         if isinstance(item, StreamEnd):
+                            tokens = item.completion_tokens
                             continue
                         text += item.text
+                        tokens += item.new_tokens
+                        logprobs.extend(item.logprobs or ())
                         if item.finish_reason:
                             finish = item.finish_reason
                         if stream_final:
-                            yield item
+                            yield replace(item, index=index)
             except TimeoutError as exc:
                 if not deadline.expired():
                     raise
@@ -344,14 +367,17 @@ class Steerer:
             ctx.trace.info["budget_exhausted"] = str(exc)
             if not text:
                 best = _best_so_far(ctx, exc)
-                text = best.text
+                gen = ctx.outputs.get(best.id)
+                text, tokens = best.text, gen.completion_tokens if gen else best.tokens
+                logprobs = list(gen.logprobs or ()) if gen else []
                 if stream_final:
-                    yield StreamDelta(index=0, text=text, new_tokens=0)
+                    for delta in _answer_deltas(text, gen, index):
+                        yield delta
             exhausted, finish = True, "length"
-        node = ctx.trace.add("final", text, parent=final.parent, chosen=True,
+        node = ctx.trace.add("final", text, parent=final.parent, chosen=True, tokens=tokens,
                              ended_s=round(ctx.session.elapsed(), 4))
         node.meta["finish_reason"] = finish
-        yield self._result(ctx, text, finish, exhausted)
+        yield self._result(ctx, text, finish, exhausted, index, tokens, tuple(logprobs))
 
 
 class _QueueList(list[dict[str, Any]]):
@@ -379,6 +405,11 @@ def _best_so_far(ctx: Context, exc: BudgetExhausted) -> Node:
                               exc.source) from exc
     mean = [(n.meta.get("mean_logprob") or -math.inf, n) for n in answers]
     return max(mean, key=lambda pair: pair[0])[1]
+
+
+def _answer_deltas(text: str, gen: Generation | None, index: int) -> list[StreamDelta]:
+    """An already-chosen answer as deltas for streaming."""
+    return [StreamDelta(index=index, text=piece, new_tokens=0) for piece in _pieces(text)]
 
 
 def _pieces(text: str, size: int = 16) -> list[str]:

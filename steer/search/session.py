@@ -96,6 +96,7 @@ class Session:
         self.model_calls = 0
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.cached_tokens: int | None = None  # None until the engine reports its cache
         self.started = time.perf_counter()
         self._reserved_tokens = 0  # held by calls in flight, beyond what they have counted
         self._next_call = 0
@@ -204,6 +205,8 @@ class Session:
         # A prompt's tokens count once per call, however many samples it produced.
         self.prompt_tokens += sum({g.prompt_index: g.prompt_tokens for g in gens}.values())
         self.completion_tokens += sum(g.completion_tokens for g in gens)
+        for cached in {g.prompt_index: g.cached_tokens for g in gens}.values():
+            self._count_cached(cached)
         return gens
 
     async def stream(
@@ -222,6 +225,7 @@ class Session:
                     # The engine's totals replace what was counted on the way.
                     self.prompt_tokens += item.prompt_tokens
                     self.completion_tokens += item.completion_tokens - streamed
+                    self._count_cached(item.cached_tokens)
                     ended = True
                 else:
                     streamed += item.new_tokens
@@ -233,6 +237,10 @@ class Session:
             self._reserved_tokens -= held
             await stream.aclose()
             self._inflight.discard(call_id)
+
+    def _count_cached(self, cached: int | None) -> None:
+        if cached is not None:
+            self.cached_tokens = (self.cached_tokens or 0) + cached
 
     async def abort_all(self) -> None:
         for call_id in list(self._inflight):

@@ -181,7 +181,7 @@ def create_app(
 
     @app.post("/v1/completions", dependencies=generation)
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        return await serving.completion(body, request)
+        return await chats.handle_completion(body, request)
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models() -> ModelList:

@@ -219,25 +219,52 @@ class SteeringUsage(BaseModel):
     budget_exhausted: bool
 
 
+class CompletionTokensDetails(BaseModel):
+    """OpenAI's breakdown of the completion tokens (openai SDK's `CompletionTokensDetails`).
+    `reasoning_tokens`: what a steering strategy spent beyond the returned answer(s); the
+    rest is what OpenAI reports as 0 for a text-only model without predicted outputs."""
+
+    reasoning_tokens: int = 0
+    audio_tokens: int = 0
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
+
+
+class PromptTokensDetails(BaseModel):
+    """OpenAI's breakdown of the prompt tokens: `cached_tokens` from the prefix cache."""
+
+    cached_tokens: int = 0
+    audio_tokens: int = 0
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    completion_tokens_details: CompletionTokensDetails = Field(
+        default_factory=CompletionTokensDetails)
+    # None: the engine does not report its prefix cache (the field is left out, not 0).
+    prompt_tokens_details: PromptTokensDetails | None = None
     steering: SteeringUsage | None = None
 
     @model_serializer(mode="wrap")
     def _omit_plain(self, handler: Any) -> dict[str, Any]:
         data: dict[str, Any] = handler(self)
-        if data.get("steering") is None:
-            data.pop("steering", None)
+        for name in ("steering", "prompt_tokens_details"):
+            if data.get(name) is None:
+                data.pop(name, None)
         return data
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+    def of(cls, prompt_tokens: int, completion_tokens: int, *, reasoning_tokens: int = 0,
+           cached_tokens: int | None = None) -> Usage:
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
+            completion_tokens_details=CompletionTokensDetails(reasoning_tokens=reasoning_tokens),
+            prompt_tokens_details=None if cached_tokens is None else PromptTokensDetails(
+                cached_tokens=cached_tokens),
         )
 
 
@@ -347,6 +374,14 @@ class Completion(BaseModel):
     choices: list[CompletionChoice]
     usage: Usage | None
     system_fingerprint: str | None = None
+    steering_trace: dict[str, Any] | None = None  # a steered request's, when it asked
+
+    @model_serializer(mode="wrap")
+    def _omit_trace(self, handler: Any) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("steering_trace") is None:
+            data.pop("steering_trace", None)
+        return data
 
 
 # -- adapters (vLLM's runtime LoRA API) ------------------------------------------------------

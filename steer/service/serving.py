@@ -330,11 +330,12 @@ class Serving:
             while item is not None:
                 if isinstance(item, StreamEnd):
                     self.metrics.count_tokens(route, item.prompt_tokens, item.completion_tokens)
+                    usage = Usage.of(item.prompt_tokens, item.completion_tokens,
+                                     cached_tokens=item.cached_tokens)
                     if on_end is not None:
-                        on_end(out, {i: "".join(t) for i, t in texts.items()}, finish,
-                               Usage.of(item.prompt_tokens, item.completion_tokens))
+                        on_end(out, {i: "".join(t) for i, t in texts.items()}, finish, usage)
                     if include_usage:
-                        yield out.usage(Usage.of(item.prompt_tokens, item.completion_tokens))
+                        yield out.usage(usage)
                     break
                 if on_end is not None:
                     texts.setdefault(item.index, []).append(item.text)
@@ -493,11 +494,12 @@ class ChatRenderer(Renderer):
     def content(self, text: str) -> str:
         return self._chunk([ChunkChoice(index=0, delta=Delta(content=text))])
 
-    def progress(self, event: dict[str, Any]) -> str:
-        return self._chunk([ChunkChoice(index=0, delta=Delta())], steering=event)
+    def progress(self, event: dict[str, Any], index: int = 0) -> str:
+        return self._chunk([ChunkChoice(index=index, delta=Delta())], steering=event)
 
-    def finish(self, reason: str, steering: dict[str, Any] | None = None) -> str:
-        return self._chunk([ChunkChoice(index=0, delta=Delta(), finish_reason=reason)],
+    def finish(self, reason: str, steering: dict[str, Any] | None = None, index: int = 0,
+               ) -> str:
+        return self._chunk([ChunkChoice(index=index, delta=Delta(), finish_reason=reason)],
                            steering=steering)
 
 
@@ -525,6 +527,9 @@ class CompletionRenderer(Renderer):
             finish_reason=d.finish_reason,
         )])]
 
+    def finish(self, reason: str, index: int = 0) -> str:
+        return self._chunk([CompletionChoice(index=index, text="", finish_reason=reason)])
+
     def usage(self, usage: Usage) -> str:
         return self._chunk([], usage)
 
@@ -536,7 +541,10 @@ def to_message(role: str, content: str) -> Message:
 def _usage(gens: list[Generation]) -> Usage:
     # A prompt is counted once however many sequences it produced (OpenAI's convention).
     prompt = sum({g.prompt_index: g.prompt_tokens for g in gens}.values())
-    return Usage.of(prompt, sum(g.completion_tokens for g in gens))
+    cached = {g.prompt_index: g.cached_tokens for g in gens}
+    known = [c for c in cached.values() if c is not None]
+    return Usage.of(prompt, sum(g.completion_tokens for g in gens),
+                    cached_tokens=sum(known) if known else None)
 
 
 def _bytes(token: str) -> list[int]:

@@ -37,6 +37,9 @@ async def test_steered_response_carries_usage_and_trace(
     assert data["choices"][0]["message"]["content"] == "it is 42"
     assert data["usage"] == {
         "prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11,
+        "completion_tokens_details": {  # the unchosen candidate's 3 tokens
+            "reasoning_tokens": 3, "audio_tokens": 0, "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0},
         "steering": {"model_calls": 2, "candidates": 2, "pruned": 1, "budget_exhausted": False},
     }
     trace = data["steering_trace"]
@@ -104,8 +107,8 @@ async def test_reasoning_effort_sets_the_budget(
         ({"optillm_approach": "bon", "steering": {"strategy": "best_of_n"}},
          "optillm_approach", "one way only"),
         ({"reasoning_effort": "extreme"}, "reasoning_effort", None),
-        ({"steering": {"strategy": "best_of_n"}, "n": 2}, "n", "n must be 1"),
-        ({"steering": {"strategy": "best_of_n"}, "logprobs": True}, "logprobs", None),
+        ({"steering": {"strategy": "best_of_n"}, "n": 1000}, "n", "at most"),
+        ({"steering": {"strategy": "tot"}, "logprobs": True}, "logprobs", "'tot' strategy"),
     ],
 )
 async def test_alias_errors(
@@ -119,11 +122,11 @@ async def test_alias_errors(
         assert says in err["message"]
 
 
-async def test_completions_refuse_strategies(client: httpx.AsyncClient) -> None:
+async def test_completions_validate_strategies(client: httpx.AsyncClient) -> None:
     r = await client.post("/v1/completions", json={
-        "model": "fake-model", "prompt": "x", "steering": {"strategy": "best_of_n"}})
+        "model": "fake-model", "prompt": "x", "steering": {"strategy": "nope"}})
     assert r.status_code == 400
-    assert r.json()["error"]["param"] == "steering"
+    assert r.json()["error"]["param"] == "steering.strategy"
 
 
 async def test_budget_exhausted_before_any_answer_is_400(client: httpx.AsyncClient) -> None:

@@ -14,6 +14,9 @@ from tests.fakes import FakeEngine
 pytestmark = pytest.mark.anyio
 
 CHAT = "/v1/chat/completions"
+# What OpenAI reports for a plain text answer (and the fake engine reports no prefix cache).
+PLAIN_DETAILS = {"reasoning_tokens": 0, "audio_tokens": 0, "accepted_prediction_tokens": 0,
+                 "rejected_prediction_tokens": 0}
 
 
 def sse_events(body: str) -> list[str]:
@@ -43,7 +46,8 @@ async def test_chat_completion_shape_and_usage(
         "finish_reason": "stop",
     }]
     # "be brief" + "two words" = 4 prompt words; 4 completion words
-    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 4, "total_tokens": 8}
+    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 4, "total_tokens": 8,
+        "completion_tokens_details": PLAIN_DETAILS}
     call = fake_engine.history[-1]
     assert call.prompts[0] == [Message("system", "be brief"), Message("user", "two words")]
 
@@ -97,7 +101,8 @@ async def test_n_choices_and_length_finish(
     assert [(c["index"], c["message"]["content"], c["finish_reason"]) for c in choices] == [
         (0, "a b c", "length"), (1, "f g", "stop"),
     ]
-    assert r.json()["usage"] == {"prompt_tokens": 1, "completion_tokens": 5, "total_tokens": 6}
+    assert r.json()["usage"] == {"prompt_tokens": 1, "completion_tokens": 5, "total_tokens": 6,
+        "completion_tokens_details": PLAIN_DETAILS}
 
 
 async def test_chat_logprobs_shape(client: httpx.AsyncClient, fake_engine: FakeEngine) -> None:
@@ -134,7 +139,8 @@ async def test_chat_stream_chunks(client: httpx.AsyncClient, fake_engine: FakeEn
     assert finishes[-1] == "stop" and finishes.count("stop") == 1
     assert chunks[-2]["choices"][0]["delta"] == {}
     assert chunks[-1]["choices"] == []
-    assert chunks[-1]["usage"] == {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}
+    assert chunks[-1]["usage"] == {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4,
+        "completion_tokens_details": PLAIN_DETAILS}
     assert all(c["usage"] is None for c in chunks[:-1])
 
 
@@ -182,7 +188,8 @@ async def test_completions_batch_and_echo(
     assert [(c["index"], c["text"]) for c in body["choices"]] == [
         (0, "p onex"), (1, "p two threey z")
     ]
-    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
+        "completion_tokens_details": PLAIN_DETAILS}
     assert fake_engine.history[-1].params.max_tokens == 16  # OpenAI's default here
 
 

@@ -189,7 +189,7 @@ class Debate(Strategy):
 
         async def call(members: list[int]) -> list[Generation]:
             agent = agents[members[0]]
-            params = ctx.sampling(temperature=agent.temperature, logprobs=0)
+            params = ctx.sampling(temperature=agent.temperature, logprobs=ctx.answer_logprobs)
             return await ctx.session.generate(
                 [prompts[i] for i in members], params, role="agent",
                 adapter=ctx.adapters.get(agent.adapter or ""),

@@ -80,7 +80,7 @@ class Reflection(Strategy):
 
     async def run(self, ctx: Context) -> Final:
         o = self.opts
-        params = ctx.sampling(temperature=o.temperature, logprobs=0)
+        params = ctx.sampling(temperature=o.temperature, logprobs=ctx.answer_logprobs)
         (draft,) = await ctx.session.generate([ctx.messages], params, role="generator")
         current = ctx.add_generations([draft], "draft", round=0)[0]
         value = await self._score(ctx, current)

@@ -72,7 +72,8 @@ class BestOfN(Strategy):
                 raise ctx.session.budget.exhausted("max_model_calls", (
                     f"{ctx.session.model_calls} used, {ctx.session.budget.max_model_calls} "
                     "allowed: not one sample fits"))
-            params = ctx.sampling(n=size, temperature=opts.temperature, logprobs=0)
+            params = ctx.sampling(n=size, temperature=opts.temperature,
+                                  logprobs=ctx.answer_logprobs)
             gens = await ctx.session.generate([ctx.messages], params, role="generator")
             fresh = ctx.add_generations(gens, "generator", round=wave)
             nodes.extend(fresh)
@@ -124,7 +125,7 @@ class SelfConsistency(Strategy):
             raise ctx.session.budget.exhausted("max_model_calls", (
                 f"{ctx.session.model_calls} used, {ctx.session.budget.max_model_calls} "
                 "allowed: not one sample fits"))
-        params = ctx.sampling(n=k, temperature=opts.temperature, logprobs=0)
+        params = ctx.sampling(n=k, temperature=opts.temperature, logprobs=ctx.answer_logprobs)
         gens = await ctx.session.generate([ctx.messages], params, role="generator")
         nodes = ctx.add_generations(gens, "generator")
         for n in nodes:

@@ -40,6 +40,7 @@ from steer.search.trace import Node
 @register_strategy
 class TreeOfThoughts(Strategy):
     name = "tot"
+    answer_is_generation = False  # a state is a chain of steps from several calls
 
     class Options(StrategyOptions):
         search: Literal["bfs", "dfs"] = "bfs"
