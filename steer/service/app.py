@@ -38,6 +38,7 @@ from steer.service.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     ModelCard,
+    ModelDeleted,
     ModelList,
 )
 from steer.service.recorder import Recorder
@@ -189,6 +190,11 @@ def create_app(
         return ModelList(data=[ModelCard(
             id=engine.model_name, created=0, root=root, max_model_len=engine.max_model_len
         ), *trained.annotate(request_adapters.cards(engine.model_name))])
+
+    @app.delete("/v1/models/{model:path}", dependencies=[Depends(authorized)])
+    async def delete_model(model: str) -> ModelDeleted:
+        await trained.delete(model)  # (a model name may hold a '/': the hub id of its base)
+        return ModelDeleted(id=model, deleted=True)
 
     @app.get("/v1/steering/templates", dependencies=[Depends(authorized)])
     async def list_templates() -> dict[str, Any]:

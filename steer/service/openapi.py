@@ -45,6 +45,7 @@ ROUTE_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("post", "/v1/load_lora_adapter"): ADMIN_ERRORS,
     ("post", "/v1/unload_lora_adapter"): ADMIN_ERRORS,
     ("get", "/v1/models"): (401, 500),
+    ("delete", "/v1/models/{model}"): (401, 403, 404, 409, 500),
     ("get", "/v1/steering/templates"): (401, 500),
     ("get", "/v1/steering/traces/{trace_id}"): (400, 401, 404, 500),
     ("get", "/v1/chat/completions"): (400, 401, 404, 500),
@@ -70,10 +71,11 @@ ROUTE_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
 DESCRIPTIONS = {
     400: "The request is invalid; `error.param` names the field.",
     401: "A missing or wrong API key (or admin key).",
-    403: "The runtime adapter API is off: no admin key is configured.",
+    403: "The runtime adapter API is off (no admin key is configured), or the model can't "
+         "be deleted (the base model, or an adapter Steer did not train).",
     404: "An unknown model, adapter, trace, file or fine-tuning job.",
-    409: "The adapter name is taken (or the adapter is in use), the job has finished, or "
-         "an unfinished job uses the file.",
+    409: "The adapter name is taken (or the adapter is in use), the job has finished, an "
+         "unfinished job uses the file, or the job training the model has not finished.",
     413: "The request body (or the uploaded file) is larger than the server accepts.",
     429: "The server is at capacity (or this key's share of it): retry later.",
     500: "A server bug; the message carries a request id.",

@@ -449,6 +449,14 @@ class FileDeleted(BaseModel):
     deleted: bool
 
 
+class ModelDeleted(BaseModel):
+    """`DELETE /v1/models/{model}` (OpenAI's shape: what `client.models.delete` reads)."""
+
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool
+
+
 class ErrorBody(BaseModel):
     message: str
     type: str

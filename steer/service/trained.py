@@ -9,8 +9,10 @@ loaded that are no longer `ready` (deleted). A load the registry refuses marks t
 `refused` with the reason, so the worker waiting for it fails its job with that reason
 instead of waiting; a server-side failure (the engine) is retried at the next sync.
 
-Also owns the `lineage` extension of those adapters' `/v1/models` cards (with ancestors).
-Adapters loaded another way (startup, admin API) are never touched.
+Also owns the `lineage` extension of those adapters' `/v1/models` cards (with ancestors),
+and OpenAI's `DELETE /v1/models/{model}` for them (`delete`: the row becomes `deleted`, its
+lineage kept, so descendants still name it; this server unloads it at once, other replicas
+at their next sync). Adapters loaded another way (startup, admin API) are never touched.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from steer.engine import AdapterConflict, EngineError, InvalidAdapter, UnknownAdapter
 from steer.engine.adapters import AdapterRegistry
+from steer.service.errors import APIError
 from steer.service.metrics import Metrics
 from steer.service.protocol import ModelCard
-from steer.store import Database, StoreError
+from steer.store import Database, NotFound, StoreError
 from steer.store import adapters as adapter_store
+from steer.store import jobs as job_store
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +98,46 @@ class TrainedAdapters:
         del self.loaded[name]
         self.lineages.pop(name, None)
         logger.info("trained adapter %s unloaded (deleted from the store)", name)
+
+    async def delete(self, name: str) -> None:
+        """Delete a model Steer trained (a fine-tuned model or a round checkpoint): 404 for a
+        model this server doesn't know (or one already deleted), 403 for the base model or
+        an adapter loaded another way, 409 while the job that trains it is still running."""
+        if name == self.base_model():
+            raise APIError(403, f"'{name}' is the base model this server serves; only "
+                           "fine-tuned models can be deleted.", param="model",
+                           code="model_not_deletable")
+        try:
+            row = await adapter_store.get_adapter(self.db, name)
+        except NotFound:
+            row = None
+        if row is None or row.status != "ready":
+            if name in self.registry.names():
+                raise APIError(403, f"'{name}' was not trained by Steer (it was loaded at "
+                               "startup or through the admin API); unload it with POST "
+                               "/v1/unload_lora_adapter.", param="model",
+                               code="model_not_deletable")
+            raise APIError(404, f"The model '{name}' does not exist.",
+                           type="not_found_error", param="model", code="model_not_found")
+        job = await self._job(row.job_id)
+        if job is not None and job.status not in job_store.FINAL:
+            raise APIError(409, f"'{name}' belongs to fine-tuning job {job.id}, which is "
+                           f"{job.status}; cancel the job or wait until it ends.",
+                           type="conflict_error", param="model", code="job_not_finished")
+        if not await adapter_store.set_status(self.db, name, "deleted"):
+            raise APIError(404, f"The model '{name}' does not exist.",  # deleted meanwhile
+                           type="not_found_error", param="model", code="model_not_found")
+        if name in self.loaded:
+            await self._unload(name)  # (still in use: the next sync retries)
+        logger.info("trained adapter %s deleted through the API", name)
+
+    async def _job(self, job_id: str | None) -> job_store.Job | None:
+        if job_id is None:
+            return None
+        try:
+            return await job_store.get_job(self.db, job_id)
+        except NotFound:  # recorded without a job (by hand): nothing to wait for
+            return None
 
     def annotate(self, cards: list[ModelCard]) -> list[ModelCard]:
         """The cards, with `lineage` on the adapters this sync loaded."""

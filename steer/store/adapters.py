@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, String, Text, select, update
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Mapped, mapped_column
 
 from steer.store.db import Base, Conflict, Database, NotFound, now
@@ -78,13 +79,16 @@ async def adapters_of_job(db: Database, job_id: str) -> list[TrainedAdapter]:
                                      .order_by(TrainedAdapter.created_at))).all())
 
 
-async def set_status(db: Database, name: str, status: str, error: str | None = None) -> None:
-    """`deleted` or `refused` (with the reason). Only a `ready` row changes: a refusal never
-    resurrects a deleted adapter."""
+async def set_status(db: Database, name: str, status: str, error: str | None = None) -> bool:
+    """`deleted` or `refused` (with the reason); False when the row was not `ready`. Only a
+    `ready` row changes: a refusal never resurrects a deleted adapter."""
     async with db.session() as s:
-        await s.execute(update(TrainedAdapter)
-                        .where(TrainedAdapter.name == name, TrainedAdapter.status == "ready")
-                        .values(status=status, error=error))
+        result = await s.execute(
+            update(TrainedAdapter)
+            .where(TrainedAdapter.name == name, TrainedAdapter.status == "ready")
+            .values(status=status, error=error))
+        assert isinstance(result, CursorResult)
+        return bool(result.rowcount == 1)
 
 
 async def finals_of_jobs(db: Database, job_ids: Sequence[str]) -> dict[str, TrainedAdapter]:

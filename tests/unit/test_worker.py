@@ -357,3 +357,61 @@ async def test_a_job_that_did_not_succeed_leaves_no_directory(
     else:
         assert job.status == ("cancelled" if mode == "cancelled" else "failed")
         assert not job_dir.exists(), sorted(p.name for p in job_dir.iterdir())
+
+
+async def test_deleting_a_fine_tuned_model_unloads_it_and_keeps_its_lineage(
+        setup: Setup) -> None:
+    """OpenAI's `client.models.delete`: e.g. a reinforcement job's round checkpoints, which
+    would otherwise stay loaded for good."""
+    s = setup
+    job_id = await sft_job(s)
+    await s.worker.run_once()
+    name = (await s.client.fine_tuning.jobs.retrieve(job_id)).fine_tuned_model
+    assert name is not None and name in [m.id for m in (await s.client.models.list()).data]
+    deleted = await s.client.models.delete(name)
+    assert (deleted.id, deleted.deleted, deleted.object) == (name, True, "model")
+    assert [m.id for m in (await s.client.models.list()).data] == ["fake-model"]  # at once
+    with pytest.raises(openai.NotFoundError):
+        await s.client.chat.completions.create(
+            model=name, messages=[{"role": "user", "content": "2+2?"}])
+    assert (await adapter_store.get_adapter(s.db, name)).status == "deleted"
+    lineage = (await s.client.fine_tuning.jobs.retrieve(job_id)).model_extra["lineage"]
+    assert (lineage["model"], lineage["status"]) == (name, "deleted")
+    await asyncio.sleep(0.2)  # a few syncs: a deleted row is never loaded again
+    assert [m.id for m in (await s.client.models.list()).data] == ["fake-model"]
+    for model, error in ((name, openai.NotFoundError), ("ft:fake-model:x:ftjob-none",
+                         openai.NotFoundError), ("fake-model", openai.PermissionDeniedError)):
+        with pytest.raises(error) as info:
+            await s.client.models.delete(model)
+        assert isinstance(info.value.body, dict) and info.value.body["param"] == "model"
+
+
+async def test_only_models_steer_trained_and_whose_job_ended_can_be_deleted(
+        tmp_path: Path) -> None:
+    adapters = tmp_path / "adapters"
+    settings = Settings(adapter_root=adapters, adapter_sync_s=0.05, max_lora_rank=16,
+                        lora_modules={"hand-made": str(write_adapter(tmp_path / "hand"))})
+    async with running(create_app(settings, FakeEngine())) as http:
+        db: Database = http.app.state.db  # type: ignore[attr-defined]
+        client = openai.AsyncOpenAI(base_url="http://steer/v1", api_key="unused",
+                                    http_client=http, max_retries=0)
+        with pytest.raises(openai.PermissionDeniedError) as info:
+            await client.models.delete("hand-made")
+        assert "unload_lora_adapter" in info.value.message
+        assert "hand-made" in [m.id for m in (await client.models.list()).data]
+        training = await add_file(db, "sft", SFT)
+        job = await client.fine_tuning.jobs.create(model="fake-model",
+                                                   training_file=training)
+        assert await job_store.claim_job(db, "w") is not None  # running: its search may
+        ckpt = f"ft:fake-model::{job.id}:ckpt-round-1"  # still use its round checkpoint
+        await adapter_store.record_adapter(
+            db, name=ckpt, job_id=job.id, base_model="fake-model", parent="fake-model",
+            path=str(write_adapter(adapters / "ckpt")), kind="checkpoint", lineage={})
+        async with asyncio.timeout(10):
+            while ckpt not in [m.id for m in (await client.models.list()).data]:
+                await asyncio.sleep(0.05)
+        with pytest.raises(openai.ConflictError):
+            await client.models.delete(ckpt)
+        await client.fine_tuning.jobs.cancel(job.id)
+        assert (await client.models.delete(ckpt)).deleted
+        assert ckpt not in [m.id for m in (await client.models.list()).data]
