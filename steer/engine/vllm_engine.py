@@ -14,7 +14,8 @@ import threading
 import uuid
 from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from steer.engine import lifeline
 from steer.engine.base import (
@@ -29,6 +30,7 @@ from steer.engine.token_cache import TokenCache, prompt_key
 from steer.engine.types import (
     AdapterRef,
     Capabilities,
+    Constraint,
     EngineHealth,
     FinishReason,
     Generation,
@@ -46,6 +48,8 @@ logger = logging.getLogger(__name__)
 MAX_LOGPROBS = 20
 OFF_LOOP_CHARS = 8192  # prompts this long are tokenized in a thread
 GREEDY_BELOW = 1e-5  # vLLM samples greedily below this temperature (_SAMPLING_EPS)
+Backend = Literal["auto", "xgrammar", "guidance", "outlines", "lm-format-enforcer"]
+CHECKED_CONSTRAINTS = 256  # constraints vLLM validated, remembered so each is checked once
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,15 @@ class VllmEngineConfig:
     max_loras: int = 4
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
+    # One backend for every request. subtle: vLLM's "auto" validates each request against
+    # xgrammar, then guidance, but its engine core builds a single backend from the first
+    # structured request it sees, so a schema "auto" passed to guidance can fail (finish
+    # reason "error") when xgrammar came first. guidance (llguidance) refuses the keywords
+    # it cannot enforce (`not`, `if`, `uniqueItems`, ...) where xgrammar ignores some.
+    structured_outputs_backend: Backend = "guidance"
+    # The chat template of prompts with tools or tool turns: "auto" (the model's own when it
+    # renders tools, else the packaged ChatML/Hermes one), "model", "steer", or a file path.
+    tool_chat_template: str = "auto"
 
 
 class VllmEngine(Engine):
@@ -81,6 +94,8 @@ class VllmEngine(Engine):
         self._adapters: dict[int, AdapterRef] = {}
         self._closing = False
         self._token_cache = TokenCache()
+        self._constraints_ok: dict[Constraint, None] = {}  # insertion-ordered: oldest first
+        self._tool_template: str | None = None  # None: the model's own chat template
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -113,6 +128,8 @@ class VllmEngine(Engine):
         threading.Thread(target=load, name="steer-engine-load", daemon=True).start()
         self._llm = await done
         self._tokenizer = self._llm.get_tokenizer()
+        self._tool_template = _tool_template(self.config.tool_chat_template,
+                                             self._tokenizer.chat_template)
         logger.info("vLLM engine ready: %s (max_model_len=%d)", self.config.model,
                     self.config.max_model_len)
 
@@ -128,6 +145,7 @@ class VllmEngine(Engine):
         # vLLM runs its plugins here (AsyncEngineArgs does), or this process would watch
         # whatever server pid it inherited.
         lifeline.export_server()
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -172,6 +190,8 @@ class VllmEngine(Engine):
             enable_prefix_caching=cfg.enable_prefix_caching,
             max_num_seqs=cfg.max_num_seqs,
             max_logprobs=MAX_LOGPROBS,
+            structured_outputs_config=StructuredOutputsConfig(
+                backend=cfg.structured_outputs_backend),
             **extra,
         )
         return AsyncLLM.from_engine_args(args)
@@ -185,6 +205,11 @@ class VllmEngine(Engine):
             # interpreter exit, vLLM's module globals are already None and it prints a
             # TypeError traceback. Shut down once is enough: make the second call a no-op.
             llm.shutdown = lambda *args, **kwargs: None
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer (vLLM's tool parsers take it); None before `start()`."""
+        return self._tokenizer
 
     def _ready_llm(self) -> Any:
         if self._llm is None or self._closing:
@@ -265,8 +290,38 @@ class VllmEngine(Engine):
             stop=list(params.stop) or None,
             seed=params.seed,
             logprobs=params.logprobs,
+            logit_bias=dict(params.logit_bias) or None,
+            structured_outputs=_structured_outputs(params.constraint),
             output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY,
         )
+
+    async def check_constraint(self, constraint: Constraint) -> None:
+        """vLLM's own validation of `constraint` (its structured-output backend compiles the
+        schema, regex or grammar), so a refusal is a clean error before any generation,
+        steered or streamed. Known-good constraints are remembered."""
+        llm = self._ready_llm()
+        if constraint in self._constraints_ok:
+            return
+        from vllm import SamplingParams as VllmSamplingParams
+        from vllm.exceptions import VLLMValidationError
+
+        probe = VllmSamplingParams(max_tokens=1, structured_outputs=_structured_outputs(
+            constraint))
+        config = llm.vllm_config
+
+        def verify() -> None:
+            probe.verify(llm.model_config, config.speculative_config,
+                         config.structured_outputs_config, self._tokenizer)
+
+        try:
+            # Off the loop: compiling a large schema takes a while.
+            await asyncio.to_thread(verify)
+        except (VLLMValidationError, ValueError, TypeError) as exc:
+            # subtle: some backends' validators raise plain ValueError (xgrammar's NUL check)
+            raise EngineRequestError(str(exc), "structured_outputs") from exc
+        if len(self._constraints_ok) >= CHECKED_CONSTRAINTS:
+            self._constraints_ok.pop(next(iter(self._constraints_ok)))
+        self._constraints_ok[constraint] = None
 
     def _lora(self, adapter: AdapterRef | None) -> Any:
         if adapter is None:
@@ -327,7 +382,7 @@ class VllmEngine(Engine):
                         text=c.text,
                         prompt_tokens=len(out.prompt_token_ids or ()),
                         completion_tokens=len(c.token_ids),
-                        finish_reason=_finish(c.finish_reason),
+                        finish_reason=_finish(c.finish_reason, params),
                         prompt_index=p_index,
                         index=c.index * copies + k,
                         logprobs=_logprobs(c.token_ids, c.logprobs, params.logprobs),
@@ -373,7 +428,8 @@ class VllmEngine(Engine):
                             text=c.text,
                             new_tokens=len(c.token_ids),
                             logprobs=_logprobs(c.token_ids, c.logprobs, params.logprobs),
-                            finish_reason=_finish(c.finish_reason) if c.finish_reason else None,
+                            finish_reason=(_finish(c.finish_reason, params)
+                                           if c.finish_reason else None),
                         )
         except (asyncio.CancelledError, GeneratorExit):
             # vLLM aborts the request itself when its generator is cancelled or closed.
@@ -437,11 +493,50 @@ def _greedy_copies(params: SamplingParams) -> tuple[SamplingParams, int]:
     return params, 1
 
 
+STEER_TOOL_TEMPLATE = Path(__file__).parent / "templates" / "chatml_hermes_tools.jinja"
+
+
+def _tool_template(setting: str, own: str | None) -> str | None:
+    """The template text for prompts with tools (None: the model's own). "auto" takes the
+    model's own when it renders `tools` at all: a model trained on its own call format is
+    best asked in it; SmolLM2's ChatML template ignores tools, so it gets Steer's."""
+    if setting == "model" or (setting == "auto" and own and "tools" in own):
+        return None
+    path = STEER_TOOL_TEMPLATE if setting in ("auto", "steer") else Path(setting).expanduser()
+    return path.read_text(encoding="utf-8")
+
+
 def _message_dict(m: Message) -> dict[str, str]:
     return {"role": m.role, "content": m.content}
 
 
-def _finish(reason: str | None) -> FinishReason:
+def _structured_outputs(constraint: Constraint | None) -> Any:
+    """Our `Constraint` as vLLM's `StructuredOutputsParams` (None: free text)."""
+    if constraint is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if constraint.json_schema is not None:
+        return StructuredOutputsParams(json=constraint.json_schema)
+    if constraint.json_object:
+        return StructuredOutputsParams(json_object=True)
+    if constraint.regex is not None:
+        return StructuredOutputsParams(regex=constraint.regex)
+    if constraint.choice is not None:
+        return StructuredOutputsParams(choice=list(constraint.choice))
+    if constraint.grammar is not None:
+        return StructuredOutputsParams(grammar=constraint.grammar)
+    raise ValueError("a Constraint must set one kind")
+
+
+def _finish(reason: str | None, params: SamplingParams) -> FinishReason:
+    if reason == "error":
+        # vLLM fails one request this way, chiefly when its grammar does not compile (the
+        # backend's validation passed it, its compiler did not).
+        if params.constraint is not None:
+            raise EngineRequestError("the structured-output backend could not compile this "
+                                     "constraint", "structured_outputs")
+        raise EngineRequestError("the engine could not generate this request")
     if reason == "length":
         return "length"
     if reason == "abort":

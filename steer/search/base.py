@@ -19,7 +19,16 @@ from pydantic import BaseModel, ConfigDict
 
 from steer.critics import Candidate, Critic, Question, Score, mean_logprob
 from steer.critics.quoting import Cut
-from steer.engine import AdapterRef, Generation, Message, Prompt, SamplingParams, TokenLogprob
+from steer.engine import (
+    AdapterRef,
+    Constraint,
+    Generation,
+    Message,
+    Prompt,
+    SamplingParams,
+    TokenLogprob,
+)
+from steer.search.constrained import gate_for
 from steer.search.session import BudgetExhausted, Limit, Session
 from steer.search.trace import Node, Trace
 
@@ -83,6 +92,16 @@ class Context:
     # The engine's output behind each generated node (by node id): the answer's logprobs,
     # token count and token pieces come from here when that node is returned.
     outputs: dict[int, Generation] = field(default_factory=dict)
+    # Calls `affordable` keeps back for a last call the strategy must still make (ToT's
+    # constrained answer).
+    reserved_calls: int = 0
+    # The critic the answer constraint implies (`constrained.gate_for`), and the nodes it
+    # failed: they never become `best`.
+    gate: Critic | None = field(init=False)
+    failed_gate: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.gate = gate_for(self.params.constraint)
 
     def cut(self, limit: Limit, what: str) -> None:
         """Record that the budget made this run do less than its options asked."""
@@ -93,7 +112,7 @@ class Context:
     def affordable(self, wanted: int, cost: Callable[[int], int]) -> int:
         """The largest k <= `wanted` whose `cost(k)` model calls fit what is left of the
         budget (0 when none does); a smaller k marks the run as cut."""
-        left = self.session.calls_left
+        left = self.session.calls_left - self.reserved_calls
         k = wanted
         while k > 0 and cost(k) > left:
             k -= 1
@@ -121,8 +140,10 @@ class Context:
         return Question(self.messages)
 
     def offer(self, node: Node) -> None:
-        """Remember `node` if it is the best scored answer so far."""
-        if node.score is None:
+        """Remember `node` if it is the best scored answer so far. Under a constraint only
+        what was generated under it (`meta["constrained"]`) is an answer."""
+        if node.score is None or node.id in self.failed_gate or (
+                self.constraint is not None and not node.meta.get("constrained")):
             return
         if self.best is None or (self.best.score or 0.0) < node.score:
             self.best = node
@@ -136,35 +157,86 @@ class Context:
     ) -> list[Node]:
         now = self.session.elapsed()
         nodes = []
+        # Answers, each generated under the request's constraint (when it has one).
+        marks = {"constrained": True} if self.constraint is not None else {}
         for g in gens:
             node = self.trace.add(
                 role, g.text, parent=parent, round=round, tokens=g.completion_tokens,
                 ended_s=round_s(now),
-                meta={"mean_logprob": mean_logprob(g), "finish_reason": g.finish_reason},
+                meta={"mean_logprob": mean_logprob(g), "finish_reason": g.finish_reason,
+                      **marks},
             )
             self.outputs[node.id] = g
             nodes.append(node)
         return nodes
 
-    async def score(self, nodes: Sequence[Node], critic: Critic | None = None) -> list[Score]:
-        """Score `nodes` with the critic in one batch, recording each score on its node."""
+    async def score(self, nodes: Sequence[Node], critic: Critic | None = None,
+                    gated: bool = True) -> list[Score]:
+        """Score `nodes` with the critic in one batch, recording each score on its node.
+
+        Answers (`gated`) are also scored by the gate when the constraint implies one: a
+        node that fails it scores 0 under `<gate>+<critic>`, the key it is ranked by (first
+        in its scores; the critic's and the gate's own scores follow), and never becomes
+        `best`. Not for what is not an answer (ToT's thoughts: `gated=False`)."""
         critic = critic or self.critic
-        if critic is None or not nodes:
+        gate = self.gate if gated or critic is self.gate else None
+        if critic is gate:  # asked for the gate alone
+            critic = None
+        if (critic is None and gate is None) or not nodes:
             return []
         candidates = [
             Candidate(n.text, mean_logprob=n.meta.get("mean_logprob"), tokens=n.tokens)
             for n in nodes
         ]
-        scores = await critic.score(self.session, self.question, candidates)
-        for n, s in zip(nodes, scores, strict=True):
-            n.scores[critic.name] = s.value
-            if s.detail:
-                n.meta[f"{critic.name}_detail"] = s.detail
+        gates = await gate.score(self.session, self.question, candidates) if gate else None
+        scores = (await critic.score(self.session, self.question, candidates)
+                  if critic is not None else None)
+        out: list[Score] = []
+        for i, n in enumerate(nodes):
+            if gates is not None and gate is not None:
+                self._record(n, gate, gates[i])
+                if not gates[i].passed:
+                    self.failed_gate.add(n.id)
+            if scores is not None and critic is not None:
+                self._record(n, critic, scores[i])
+            s = _gated(gates[i] if gates else None, scores[i] if scores else None)
+            if gate is not None and critic is not None:
+                # The ranking score comes first: `Node.score` is the first one recorded.
+                n.scores = {f"{gate.name}+{critic.name}": s.value, **n.scores}
             self.offer(n)
-        return scores
+            out.append(s)
+        return out
+
+    @staticmethod
+    def _record(node: Node, critic: Critic, score: Score) -> None:
+        node.scores[critic.name] = score.value
+        if score.detail:
+            node.meta[f"{critic.name}_detail"] = score.detail
+
+    @property
+    def constraint(self) -> Constraint | None:
+        """The request's decoding constraint (None: free text)."""
+        return self.params.constraint
 
     def sampling(self, **changes: Any) -> SamplingParams:
+        """Params for a call whose output is not an answer: free text, unconstrained."""
+        return replace(self.params, **{"constraint": None, **changes})
+
+    def answer_sampling(self, **changes: Any) -> SamplingParams:
+        """Params for a call whose output may be returned as the answer: decoded under the
+        request's constraint (see `steer.search.constrained`)."""
         return replace(self.params, **changes)
+
+
+def _gated(gate: Score | None, score: Score | None) -> Score:
+    """One node's ranking score: the critic's, but 0 (with the gate's reason) when the
+    node fails the gate."""
+    if score is None:
+        assert gate is not None
+        return gate
+    if gate is None or gate.passed:
+        return score
+    return Score(0.0, gate.detail, passed=False)
 
 
 class Strategy(ABC):

@@ -399,7 +399,8 @@ NOT_ANSWERS = frozenset({"critic", "root", "unparsed"})
 def _best_so_far(ctx: Context, exc: BudgetExhausted) -> Node:
     if ctx.best is not None:
         return ctx.best
-    answers = [n for n in ctx.trace.candidates() if n.role not in NOT_ANSWERS]
+    answers = [n for n in ctx.trace.candidates() if n.role not in NOT_ANSWERS
+               and (ctx.constraint is None or n.meta.get("constrained"))]
     if not answers:
         raise BudgetExhausted(f"the budget ran out before any answer: {exc}", exc.limit,
                               exc.source) from exc

@@ -68,6 +68,11 @@ SERVE_FLAGS: dict[str, dict[str, Any]] = {
     "adapter_root": {"help": "runtime adapter loads must lie inside it (<cache-dir>/adapters)"},
     "adapter_unload_timeout_s": {"type": float,
                                  "help": "how long an unload waits for requests using it (30)"},
+    "structured_outputs_backend": {"help": "vLLM structured-output backend: guidance, xgrammar "
+                                           "or outlines (guidance)"},
+    "tool_call_parser": {"help": "vLLM tool parser for tool_choice auto (hermes; '' for none)"},
+    "tool_chat_template": {"help": "chat template for tools: auto, model, steer, or a path "
+                                   "(auto: the model's own if it renders tools, else steer's)"},
 }
 
 
@@ -86,6 +91,8 @@ def engine_config(settings: Settings, model_path: str) -> VllmEngineConfig:
         max_loras=settings.max_loras,
         max_lora_rank=settings.max_lora_rank,
         max_cpu_loras=settings.max_cpu_loras,
+        structured_outputs_backend=settings.structured_outputs_backend,
+        tool_chat_template=settings.tool_chat_template,
     )
 
 

@@ -10,7 +10,15 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Tag, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    model_serializer,
+    model_validator,
+)
 
 from steer.service.fields import (
     LogitBias,
@@ -65,6 +73,62 @@ class SteeringSpec(_Request):
         return self == SteeringSpec()
 
 
+# -- structured outputs (what each form means and how it is checked: `structured.py`) -------
+
+
+class TextFormat(_Request):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(_Request):
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(_Request):
+    """OpenAI's `response_format.json_schema`."""
+
+    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]  # OpenAI's rule
+    description: str | None = None
+    # subtle: `schema` on the wire; a field of that name would shadow BaseModel.schema
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class JsonSchemaFormat(_Request):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+def _format_kind(fmt: Any) -> str | None:
+    kind = fmt.get("type") if isinstance(fmt, dict) else getattr(fmt, "type", None)
+    return {"text": "TextFormat", "json_object": "JsonObjectFormat",
+            "json_schema": "JsonSchemaFormat"}.get(kind) if isinstance(kind, str) else None
+
+
+# One error for an unknown type, and errors inside a format named by their own fields (the
+# tags are class names, which an error's `param` leaves out).
+ResponseFormat = Annotated[
+    Annotated[TextFormat, Tag("TextFormat")]
+    | Annotated[JsonObjectFormat, Tag("JsonObjectFormat")]
+    | Annotated[JsonSchemaFormat, Tag("JsonSchemaFormat")],
+    Discriminator(_format_kind, custom_error_type="response_format_type",
+                  custom_error_message="response_format's type is 'text', 'json_object' or "
+                                       "'json_schema'"),
+]
+
+
+class StructuredOutputs(_Request):
+    """vLLM's `structured_outputs`: exactly one of `json`, `regex`, `choice`, `grammar`,
+    `json_object` (vLLM's other knobs are not taken: an unknown field is a 400)."""
+
+    # subtle: `json` on the wire; a field of that name would shadow BaseModel.json
+    json_spec: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: Annotated[list[str], Field(min_length=1, max_length=1024)] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
@@ -90,6 +154,8 @@ class _Sampling(_Request):
     repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
     min_tokens: int | None = Field(None, ge=0)  # vLLM's: no stop or EOS before this many tokens
     logit_bias: LogitBias | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None  # vLLM's
     steering: SteeringSpec | None = None
 
     def stop_list(self) -> tuple[str, ...]:
@@ -127,11 +193,52 @@ ContentPart = Annotated[
 ]
 
 
+# -- tools (OpenAI's function tools; what the server does with them: `tools.py`) -------------
+
+ToolName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]  # OpenAI's rule
+
+
+class FunctionDefinition(_Request):
+    name: ToolName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema (checked in tools.py)
+    strict: bool | None = None
+
+
+class FunctionTool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
+class CalledFunction(_Request):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class MessageToolCall(_Request):
+    """A call in an assistant message of the history."""
+
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
     refusal: str | None = None  # an assistant message's refusal (OpenAI's field)
+    tool_calls: list[MessageToolCall] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def text(self) -> str:
         """What the message says, as the model reads it: a refusal is what the assistant
@@ -149,6 +256,9 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    tools: Annotated[list[FunctionTool], Field(min_length=1, max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     # Other clients' ways to ask for steering (see steer.search.aliases).
@@ -282,10 +392,31 @@ class ChoiceLogprobs(BaseModel):
     content: list[LogprobEntry] | None
 
 
+class CallFunction(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(BaseModel):
+    """A call in a response (openai SDK's `ChatCompletionMessageToolCall`)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: CallFunction
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # None: the answer is only tool calls
     refusal: None = None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_no_calls(self, handler: Any) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
 
 
 class ChatChoice(BaseModel):
@@ -315,14 +446,47 @@ class ChatCompletion(BaseModel):
         return data
 
 
+class DeltaFunction(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer
+    def _only_set(self) -> dict[str, Any]:
+        return {k: v for k, v in (("name", self.name), ("arguments", self.arguments))
+                if v is not None}
+
+
+class DeltaToolCall(BaseModel):
+    """A piece of a streamed call (openai SDK's `ChoiceDeltaToolCall`): the first piece of
+    call `index` has its id, type and name; the next ones add argument text."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunction | None = None
+
+    @model_serializer
+    def _only_set(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"index": self.index}
+        data.update((k, v) for k, v in (("id", self.id), ("type", self.type)) if v is not None)
+        if self.function is not None:
+            data["function"] = self.function.model_dump()
+        return data
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer
     def _only_set(self) -> dict[str, Any]:
         # OpenAI's deltas carry only what changed: {"role", "content"} first, {} at the end.
-        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+        data: dict[str, Any] = {k: v for k, v in (("role", self.role), ("content", self.content))
+                                if v is not None}
+        if self.tool_calls is not None:
+            data["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        return data
 
 
 class ChunkChoice(BaseModel):

@@ -30,6 +30,7 @@ from steer.engine import (
     StreamEnd,
     TokenLogprob,
 )
+from steer.service import structured, tools
 from steer.service.adapters import RequestAdapters
 from steer.service.admission import Admission
 from steer.service.errors import (
@@ -43,7 +44,6 @@ from steer.service.fields import logit_bias_pairs, role_violation
 from steer.service.limits import check_messages, check_prompts, request_key
 from steer.service.metrics import Metrics
 from steer.service.protocol import (
-    AssistantMessage,
     ChatChoice,
     ChatCompletion,
     ChatCompletionChunk,
@@ -64,6 +64,7 @@ from steer.service.protocol import (
 )
 from steer.service.recorder import Finished, Recorder
 from steer.service.settings import Settings
+from steer.service.tools import ParserFactory, ToolStream
 
 T = TypeVar("T")
 # A finished stream put back together: (renderer, text per choice, finish per choice, usage).
@@ -80,6 +81,14 @@ class Serving:
     admission: Admission
     adapters: RequestAdapters | None = None
     recorder: Recorder | None = None
+    tool_parsers: ParserFactory | None = None  # reads `tool_choice: auto` calls back
+
+    def load_tool_parsers(self) -> None:
+        """Once the engine is up: the configured vLLM tool parser over the engine's own
+        tokenizer (an engine without one, or no parser set, leaves `auto` refused)."""
+        tokenizer = getattr(self.engine, "tokenizer", None)  # the vLLM engine's
+        if self.settings.tool_call_parser and tokenizer is not None:
+            self.tool_parsers = tools.vllm_parsers(self.settings.tool_call_parser, tokenizer)
 
     def record(self, item: Finished) -> None:
         """Hand a finished answer to the store's writer (it decides whether to keep it)."""
@@ -164,6 +173,7 @@ class Serving:
             logprobs=logprobs,
             min_tokens=req.min_tokens or 0,
             logit_bias=logit_bias_pairs(req.logit_bias),
+            constraint=structured.constraint_of(req),
         )
 
     @staticmethod
@@ -181,33 +191,39 @@ class Serving:
         self.check_chat_size(req)
         adapter = self.check_model(req.model)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = self.sampling(req, req.max_tokens_field(), logprobs)
+        plan = tools.plan_tools(req)
+        tools.require_parser(plan, self.tool_parsers)
+        params = tools.with_constraint(self.sampling(req, req.max_tokens_field(), logprobs),
+                                       plan)
         messages = [to_message(m.role, m.text()) for m in req.messages]
         admit = Admit(self.work(sum(len(m.content) for m in messages), params.n,
                                 params.max_tokens), request_key(req.end_user()))
         adapter_name = adapter.name if adapter else None
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            calls = tools.ToolStream(plan, self.tool_parsers) if plan is not None else None
 
             def stored(out: Renderer, texts: dict[int, str], finish: dict[int, str],
                        usage: Usage) -> None:
                 assert isinstance(out, ChatRenderer)
+                answers = [tools.answer(plan, texts.get(i, ""), finish.get(i, "stop"),
+                                        self.tool_parsers) for i in range(params.n)]
                 self.record(Finished(req, ChatCompletion(
                     id=out.id, created=out.created, model=req.model, usage=usage,
                     service_tier=req.tier_used(),
-                    choices=[ChatChoice(index=i, message=AssistantMessage(content=texts.get(i, "")),
-                                        finish_reason=finish.get(i, "stop"))
-                             for i in range(params.n)],
+                    choices=[ChatChoice(index=i, message=message, finish_reason=reason)
+                             for i, (message, reason) in enumerate(answers)],
                 ), adapter_name))
 
             return await self._stream(
                 messages, params, CHAT, "messages", include_usage,
-                lambda: ChatRenderer(req.model, req.tier_used()), admit, adapter,
+                lambda: ChatRenderer(req.model, req.tier_used(), calls), admit, adapter,
                 req.max_tokens_field()[0],
                 on_end=stored if self.storing(req, steered=False) else None,
             )
         gens = await self._generate(http, [messages], params, CHAT, "messages", admit, adapter,
                                     req.max_tokens_field()[0])
+        answers = [tools.answer(plan, g.text, g.finish_reason, self.tool_parsers) for g in gens]
         completion = ChatCompletion(
             id=new_id("chatcmpl"),
             created=now(),
@@ -215,11 +231,11 @@ class Serving:
             choices=[
                 ChatChoice(
                     index=g.index,
-                    message=AssistantMessage(content=g.text),
+                    message=message,
                     logprobs=_chat_logprobs(g.logprobs),
-                    finish_reason=g.finish_reason,
+                    finish_reason=reason,
                 )
-                for g in gens
+                for g, (message, reason) in zip(gens, answers, strict=True)
             ],
             usage=_usage(gens),
             service_tier=req.tier_used(),
@@ -459,9 +475,11 @@ class Renderer:
 
 
 class ChatRenderer(Renderer):
-    def __init__(self, model: str, service_tier: Literal["default"] | None = None) -> None:
+    def __init__(self, model: str, service_tier: Literal["default"] | None = None,
+                 tools: ToolStream | None = None) -> None:
         self.id, self.created, self.model = new_id("chatcmpl"), now(), model
         self.service_tier = service_tier  # on every chunk, as OpenAI sends it
+        self.tools = tools  # a request with tools: text becomes content or call pieces
 
     def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None,
                steering: dict[str, Any] | None = None) -> str:
@@ -477,6 +495,8 @@ class ChatRenderer(Renderer):
         ]
 
     def delta(self, d: StreamDelta) -> list[str]:
+        if self.tools is not None:
+            return self.tool_events(d.index, d.text, d.finish_reason, d.logprobs)
         events = []
         if d.text or d.logprobs:
             events.append(self._chunk([ChunkChoice(
@@ -486,6 +506,23 @@ class ChatRenderer(Renderer):
             events.append(self._chunk(
                 [ChunkChoice(index=d.index, delta=Delta(), finish_reason=d.finish_reason)]
             ))
+        return events
+
+    def tool_events(self, index: int, text: str, finish: str | None,
+                    logprobs: tuple[TokenLogprob, ...] | None = None,
+                    steering: dict[str, Any] | None = None) -> list[str]:
+        """Choice `index`'s new text as content or tool-call chunks (`ToolStream`); with
+        `finish`, what the stream held back, then the finish chunk."""
+        assert self.tools is not None
+        deltas = self.tools.feed(index, text) if text else []
+        events = [self._chunk([ChunkChoice(index=index, delta=delta,
+                                           logprobs=_chat_logprobs(logprobs) if i == 0 else None)])
+                  for i, delta in enumerate(deltas)]
+        if finish:
+            rest, reason = self.tools.finish(index, finish)
+            events.extend(self._chunk([ChunkChoice(index=index, delta=delta)]) for delta in rest)
+            events.append(self._chunk(
+                [ChunkChoice(index=index, delta=Delta(), finish_reason=reason)], steering=steering))
         return events
 
     def usage(self, usage: Usage) -> str:

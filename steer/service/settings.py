@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     max_loras: int = Field(4, ge=1, description="adapters resident in one batch")
     max_lora_rank: int = Field(16, ge=1)
     max_cpu_loras: int | None = Field(None, ge=1, description="adapters cached in memory")
+    # Structured outputs (steer/service/structured.py): vLLM's backend for every request.
+    structured_outputs_backend: Literal["guidance", "xgrammar", "outlines"] = "guidance"
 
     # LoRA adapters: NAME=PATH pairs loaded at startup; the runtime API (admin key) loads more
     lora_modules: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
@@ -50,6 +52,17 @@ class Settings(BaseSettings):
     )
     adapter_unload_timeout_s: float = Field(
         30.0, ge=0, description="how long an unload waits for requests still using it"
+    )
+
+    # Tool calling (steer/service/tools.py)
+    tool_call_parser: str = Field(
+        "hermes", description="vLLM tool parser that reads tool_choice 'auto' calls back "
+        "('' for none: 'auto' is then refused); it must match the chat template's call format"
+    )
+    tool_chat_template: str = Field(
+        "auto", description="chat template for requests with tools or tool turns: 'auto' (the "
+        "model's own if it renders tools, else Steer's ChatML/Hermes one), 'model', 'steer', "
+        "or a path to a Jinja template"
     )
 
     # Limits
@@ -104,6 +117,14 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_lora_modules(cls, value: object) -> object:
         return parse_lora_modules(value)
+
+    @field_validator("tool_chat_template")
+    @classmethod
+    def _template_exists(cls, value: str) -> str:
+        if value not in ("auto", "model", "steer") and not Path(value).expanduser().is_file():
+            raise ValueError(f"tool_chat_template: no such file {value!r} (or auto, model, "
+                             "steer)")
+        return value
 
     @model_validator(mode="after")
     def _check_lora(self) -> Settings:

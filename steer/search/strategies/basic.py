@@ -1,4 +1,7 @@
-"""`none` (plain pass-through) and `template` (a named prompt template, one generation)."""
+"""`none` (plain pass-through) and `template` (a named prompt template, one generation).
+
+Both end with that one generation, the answer: decoded under the request's constraint when
+it has one."""
 
 from __future__ import annotations
 

@@ -10,6 +10,11 @@ Anytime: the first round seats as many agents as the budget allows (with room le
 judge), and debate stops before a round that does not fit. Later rounds quote the other
 agents' answers; quotes are shortened to fit the context, and when even that cannot fit,
 the debate ends with what it has.
+
+Under a constraint every agent's answer, in every round, is decoded under it: any round
+can be the last (consensus, budget), and the returned answer is one of them. Summaries are
+free text. Votes count the constrained output itself unless `extract` is set; under a JSON
+constraint an answer that fails the schema gets no vote (and never wins the judge).
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from steer.critics.extract import extractor
 from steer.critics.patterns import PatternStr
 from steer.critics.quoting import Cut
 from steer.engine import Generation, Message, Prompt
@@ -33,6 +37,7 @@ from steer.search.base import (
     StrategyOptions,
     register_strategy,
 )
+from steer.search.constrained import answer_extractor
 from steer.search.session import SteeringInvalid
 from steer.search.trace import Node
 
@@ -114,7 +119,9 @@ class Debate(Strategy):
                 f"{ctx.session.model_calls} used, {ctx.session.budget.max_model_calls} "
                 "allowed: not one agent fits"))
         agents = agents[:seated]
-        extract = extractor(o.extract, o.pattern)
+        extract = answer_extractor(ctx.constraint, o.extract, o.pattern,
+                                   chosen="extract" in o.model_fields_set)
+        marks = {"constrained": True} if ctx.constraint is not None else {}
         latest: list[Node] = []
         for rnd in range(o.rounds):
             prompts: list[Prompt]
@@ -137,9 +144,15 @@ class Debate(Strategy):
                 ctx.trace.add(f"agent-{i}", g.text, round=rnd, tokens=g.completion_tokens,
                               parent=latest[i].id if latest else None,
                               ended_s=round(ctx.session.elapsed(), 4),
-                              meta={"answer": extract(g.text), "finish_reason": g.finish_reason})
+                              meta={"answer": extract(g.text), "finish_reason": g.finish_reason,
+                                    **marks})
                 for i, g in enumerate(gens)
             ]
+            if ctx.gate is not None:
+                await ctx.score(latest, ctx.gate)
+                for n in latest:  # an answer that fails the requested schema gets no vote
+                    if n.id in ctx.failed_gate:
+                        n.meta["answer"] = None
             answers = [n.meta["answer"] for n in latest]
             ctx.note(round=rnd, answers=answers)
             if len(agents) > 1 and answers[0] is not None and len(set(answers)) == 1:
@@ -189,7 +202,8 @@ class Debate(Strategy):
 
         async def call(members: list[int]) -> list[Generation]:
             agent = agents[members[0]]
-            params = ctx.sampling(temperature=agent.temperature, logprobs=ctx.answer_logprobs)
+            params = ctx.answer_sampling(temperature=agent.temperature,
+                                         logprobs=ctx.answer_logprobs)
             return await ctx.session.generate(
                 [prompts[i] for i in members], params, role="agent",
                 adapter=ctx.adapters.get(agent.adapter or ""),

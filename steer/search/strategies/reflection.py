@@ -8,6 +8,10 @@ earlier reflection stays in later revision prompts (Reflexion); without, only th
 
 Anytime: it stops before an iteration the budget cannot pay for, and when a prompt quoting
 the draft cannot fit the context even with the draft shortened.
+
+Under a constraint the draft and every revision are answers, decoded under it; the feedback
+is free text. A JSON constraint's schema gates the critic (a version that fails it is never
+returned while a valid one exists), and its error is part of the next feedback.
 """
 
 from __future__ import annotations
@@ -73,14 +77,14 @@ class Reflection(Strategy):
         return self._version_calls() + (1 if self.opts.feedback in ("self", "both") else 0)
 
     async def _score(self, ctx: Context, node: Node) -> float | None:
-        if self.critic is None:
+        if self.critic is None and ctx.gate is None:
             return None
         (score,) = await ctx.score([node])
         return score.value
 
     async def run(self, ctx: Context) -> Final:
         o = self.opts
-        params = ctx.sampling(temperature=o.temperature, logprobs=ctx.answer_logprobs)
+        params = ctx.answer_sampling(temperature=o.temperature, logprobs=ctx.answer_logprobs)
         (draft,) = await ctx.session.generate([ctx.messages], params, role="generator")
         current = ctx.add_generations([draft], "draft", round=0)[0]
         value = await self._score(ctx, current)
@@ -127,6 +131,9 @@ class Reflection(Strategy):
         prompt cannot fit the context even with the answer shortened."""
         o = self.opts
         parts = []
+        if ctx.gate is not None and node.id in ctx.failed_gate:
+            detail = node.meta.get(f"{ctx.gate.name}_detail", "")
+            parts.append(f"It does not match the required JSON schema: {detail}".strip())
         if o.feedback in ("critic", "both") and self.critic is not None:
             detail = node.meta.get(f"{self.critic.name}_detail", "")
             score = node.scores.get(self.critic.name)

@@ -24,6 +24,15 @@ from steer.search.base import (
 from steer.search.trace import Node
 
 
+def _vote_on(opts: SelfConsistency.Options, ctx: Context) -> str:
+    """The extractor a vote uses: the client's, else JSON's normal form for JSON output."""
+    constraint = ctx.params.constraint
+    if "extract" not in opts.model_fields_set and constraint is not None and (
+            constraint.json_schema is not None or constraint.json_object):
+        return "json"
+    return opts.extract
+
+
 def _mean_lp(node: Node) -> float:
     value = node.meta.get("mean_logprob")
     return float(value) if value is not None else -math.inf
@@ -32,7 +41,11 @@ def _mean_lp(node: Node) -> float:
 @register_strategy
 class BestOfN(Strategy):
     """Sample `n` answers (in waves of `batch_size`), score each wave in one critic batch,
-    return the best; stop early once a score reaches `threshold`."""
+    return the best; stop early once a score reaches `threshold`.
+
+    Under a constraint every sample is an answer, so every sample is decoded under it; a
+    JSON constraint's schema also gates the critic (`steer.search.constrained`): a sample
+    that fails it scores 0 and is never returned while a valid one exists."""
 
     name = "best_of_n"
     default_critic = "logprob"
@@ -72,8 +85,8 @@ class BestOfN(Strategy):
                 raise ctx.session.budget.exhausted("max_model_calls", (
                     f"{ctx.session.model_calls} used, {ctx.session.budget.max_model_calls} "
                     "allowed: not one sample fits"))
-            params = ctx.sampling(n=size, temperature=opts.temperature,
-                                  logprobs=ctx.answer_logprobs)
+            params = ctx.answer_sampling(n=size, temperature=opts.temperature,
+                                         logprobs=ctx.answer_logprobs)
             gens = await ctx.session.generate([ctx.messages], params, role="generator")
             fresh = ctx.add_generations(gens, "generator", round=wave)
             nodes.extend(fresh)
@@ -94,14 +107,20 @@ class BestOfN(Strategy):
 @register_strategy
 class SelfConsistency(Strategy):
     """Sample `k` reasoning paths in one call, extract each final answer, majority vote.
-    Ties go to the critic when one is given, else to the higher mean token logprob."""
+    Ties go to the critic when one is given, else to the higher mean token logprob.
+
+    Under a constraint every path is an answer, decoded under it; under a JSON constraint a
+    path that fails the schema gets no vote."""
 
     name = "self_consistency"
 
     class Options(StrategyOptions):
         k: int = Field(5, ge=1, le=64)
         temperature: float = Field(0.7, ge=0.0, le=2.0)
-        extract: str = Field("last_number", pattern="^(last_number|answer_line|choice|regex)$")
+        # Unset: `last_number`, or `json` when decoding is constrained to JSON (a tool call,
+        # a json_schema answer: the whole answer is the value voted on).
+        extract: str = Field("last_number",
+                             pattern="^(last_number|answer_line|choice|regex|json)$")
         pattern: PatternStr | None = None
 
         @model_validator(mode="after")
@@ -118,18 +137,22 @@ class SelfConsistency(Strategy):
     async def run(self, ctx: Context) -> Final:
         opts = self.options
         assert isinstance(opts, SelfConsistency.Options)
-        extract = extractor(opts.extract, opts.pattern)
+        extract = extractor(_vote_on(opts, ctx), opts.pattern)
         # The critic only breaks ties, so it gets no room kept: the vote comes first.
         k = ctx.affordable(opts.k, lambda k: k)
         if k == 0:
             raise ctx.session.budget.exhausted("max_model_calls", (
                 f"{ctx.session.model_calls} used, {ctx.session.budget.max_model_calls} "
                 "allowed: not one sample fits"))
-        params = ctx.sampling(n=k, temperature=opts.temperature, logprobs=ctx.answer_logprobs)
+        params = ctx.answer_sampling(n=k, temperature=opts.temperature,
+                                     logprobs=ctx.answer_logprobs)
         gens = await ctx.session.generate([ctx.messages], params, role="generator")
         nodes = ctx.add_generations(gens, "generator")
+        if ctx.gate is not None:
+            await ctx.score(nodes, ctx.gate)
         for n in nodes:
-            n.meta["answer"] = extract(n.text)
+            # An answer that fails the schema the request asked for gets no vote.
+            n.meta["answer"] = None if n.id in ctx.failed_gate else extract(n.text)
         votes = Counter(n.meta["answer"] for n in nodes if n.meta["answer"] is not None)
         ctx.trace.info["votes"] = dict(votes.most_common())
         ctx.note(votes=dict(votes.most_common()))

@@ -10,6 +10,10 @@ Anytime: a level expands only the states the budget can pay for and values only 
 it can pay for (the rest score 0); once the budget is cut the search answers from what it
 has. Prompts quote the partial solution; a long one is shortened (head and tail) to fit the
 context, and a state whose prompt cannot fit at all is not expanded (or scores 0).
+
+Under a constraint, thoughts and their values are free text (steps are not the requested
+format); the answer is always one more generation, decoded under the constraint and written
+from the best state, with one call kept back for it from the start.
 """
 
 from __future__ import annotations
@@ -159,7 +163,7 @@ class TreeOfThoughts(Strategy):
             scored = list(nodes)
             if critic is not None:
                 scored = scored[: ctx.affordable(len(scored), critic.planned_calls)]
-                await ctx.score(scored)
+                await ctx.score(scored, gated=False)  # thoughts, not answers
             for n in nodes:
                 n.scores["value"] = n.scores.get(critic.name, 0.0) if critic else 0.0
             return
@@ -259,6 +263,8 @@ class TreeOfThoughts(Strategy):
         root = ctx.trace.add("root", "", meta={"depth": 0})
         cache: dict[str, float] = {}
         rng = random.Random(o.seed)
+        if ctx.constraint is not None:
+            ctx.reserved_calls = 1  # the constrained answer, written after the search
         if o.search == "bfs":
             states = await self._bfs(ctx, task, root, cache, rng)
         else:
@@ -330,6 +336,8 @@ class TreeOfThoughts(Strategy):
             return FinalPrompt(ctx.messages, ctx.params)
         best = max(pool, key=lambda n: n.scores.get("value", 0.0))
         best.chosen = True
+        if ctx.constraint is not None:
+            return await self._constrained_answer(ctx, best)
         if finals or task.conclude_prompt(ctx.question, best.text) is None:
             return FinalText(best)
         if not ctx.affordable(1, lambda k: k):
@@ -345,4 +353,24 @@ class TreeOfThoughts(Strategy):
         prompt = await ctx.fit(build, ctx.params.max_tokens)
         if prompt is None or isinstance(prompt, str):
             return FinalText(best)
+        return FinalPrompt(tuple(prompt), ctx.params, parent=best.id)
+
+    async def _constrained_answer(self, ctx: Context, best: Node) -> Final:
+        """Under a constraint the answer is one more generation, decoded under it, written
+        from the best state (a final one too: a state is steps, not the requested format)."""
+        ctx.reserved_calls = 0
+        if not ctx.affordable(1, lambda k: k):
+            raise ctx.session.budget.exhausted("max_model_calls", (
+                f"{ctx.session.model_calls} used, {ctx.session.budget.max_model_calls} "
+                "allowed: no call left to write the constrained answer"))
+
+        def build(cut: Cut) -> Prompt:
+            return (*ctx.messages[:-1], Message("user", (
+                f"{cut(ctx.question.text)}\n\nUse these steps:\n{cut(best.text).strip()}"
+                "\n\nGive the final answer.")))
+
+        prompt = await ctx.fit(build, ctx.params.max_tokens)
+        if prompt is None or isinstance(prompt, str):
+            ctx.trace.info["fallback"] = "the best steps do not fit: answered directly"
+            return FinalPrompt(ctx.messages, ctx.params)
         return FinalPrompt(tuple(prompt), ctx.params, parent=best.id)
