@@ -31,6 +31,7 @@ from steer.engine import (
     UnknownAdapter,
 )
 from steer.search import BudgetExhausted, SearchError, SteeringInvalid
+from steer.service.fields import error_param, refusal_reason
 from steer.service.protocol import ErrorBody, ErrorResponse
 from steer.store import Conflict, NotFound, StoreError
 from steer.store.files import FileInUse
@@ -209,10 +210,13 @@ def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
 def validation_error(exc: RequestValidationError) -> APIError:
     errors = exc.errors()
     # With unions pydantic reports one error per member; the deepest is the most specific.
-    # An unknown field inside a union member usually means "wrong member": prefer the others.
+    # An unknown field inside a union member usually means "wrong member": prefer the others,
+    # except an OpenAI field refused on purpose (its reason is the useful answer).
     first: dict[str, Any] = max(
         errors,
-        key=lambda e: (e.get("type") != "extra_forbidden",
+        key=lambda e: (refusal_reason(_loc_to_param(tuple(e.get("loc", ()))),
+                                      e.get("type")) is not None,
+                       e.get("type") != "extra_forbidden",
                        len(_loc_to_param(tuple(e.get("loc", ()))) or "")),
         default={},
     )
@@ -227,13 +231,21 @@ def validation_error(exc: RequestValidationError) -> APIError:
         )
     if first.get("type") == "extra_forbidden":
         param = _loc_to_param(tuple(first.get("loc", ())))
+        reason = refusal_reason(param, "extra_forbidden")
+        if reason is not None:
+            return bad_request(f"{param} is not supported: {reason}", param=param,
+                               code="unsupported_parameter")
         return bad_request(f"Unrecognized request argument supplied: {param}", param=param)
     if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
         return bad_request("The request body must be a JSON object.", param=None)
-    param = _loc_to_param(tuple(first.get("loc", ())))
+    param = error_param(_loc_to_param(tuple(first.get("loc", ()))))
     msg = str(first.get("msg", "invalid value"))
+    reason = refusal_reason(param, first.get("type"))
+    if reason is not None:
+        msg = f"{msg}: {reason}"
     message = f"Invalid value for '{param}': {msg}" if param else msg
-    return bad_request(message, param=param)
+    return bad_request(message, param=param,
+                       code="unsupported_value" if reason is not None else None)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -121,6 +121,7 @@ def corrected(generated: dict[str, Any], settings: Settings) -> dict[str, Any]:
     _whole_bounds(schemas)
     _request_caps(schemas, settings)
     _request_rules(schemas)
+    _field_rules(schemas)
     _security(doc, settings)
     for operations in doc.get("paths", {}).values():
         for operation in operations.values():
@@ -240,6 +241,24 @@ def _request_rules(schemas: dict[str, Any]) -> None:
          "then": {"properties": {"prompt": {"anyOf": [{"type": "string"},
                                                       {"type": "array", "maxItems": 1}]}}}},
     ]
+
+
+def _field_rules(schemas: dict[str, Any]) -> None:
+    """What pydantic's schema of the SDK fields (`fields.py`) leaves open: `logit_bias` keys
+    are token ids only (pydantic writes `patternProperties`, which lets any other key
+    through), and a refusal, as a field or a content part, is an assistant message's only."""
+    for name in ("ChatCompletionRequest", "CompletionRequest"):
+        bias = next(s for s in schemas[name]["properties"]["logit_bias"]["anyOf"]
+                    if s.get("type") == "object")
+        (pattern, value), = bias.pop("patternProperties").items()
+        bias.update(propertyNames={"pattern": pattern}, additionalProperties=value)
+    text_parts = {"type": "array", "items": _ref("TextPart")}
+    schemas["ChatMessage"].setdefault("allOf", []).append({
+        "if": {"properties": {"role": {"not": {"const": "assistant"}}}},
+        "then": {"properties": {
+            "refusal": {"type": "null"},
+            "content": {"anyOf": [{"type": "string"}, text_parts, {"type": "null"}]}}},
+    })
 
 
 def _security(doc: dict[str, Any], settings: Settings) -> None:

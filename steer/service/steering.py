@@ -111,7 +111,7 @@ def chat_ask(req: ChatCompletionRequest) -> Ask:
     messages = tuple(to_message(m.role, m.text()) for m in req.messages)
     return Ask(CHAT, "messages", req.max_tokens_field(), (messages,) * req.n,
                (req.top_logprobs or 0) if req.logprobs else None, ("",) * req.n,
-               req.user)
+               req.end_user())
 
 
 def completion_ask(req: CompletionRequest) -> Ask:
@@ -230,18 +230,18 @@ class SteeredChat:
                        trace: dict[str, Any] | None) -> None:
                 self.serving.record(Finished(req, ChatCompletion(
                     id=out.id, created=out.created, model=model, usage=steered_usage(results),
-                    choices=chat_choices(results),
+                    service_tier=req.tier_used(), choices=chat_choices(results),
                 ), adapter_name, spec, trace or results[0].trace,
                     choice_id(rid, 0, len(results))))
 
-            chunks = SteeredChunks(ChatRenderer(model))
+            chunks = SteeredChunks(ChatRenderer(model, req.tier_used()))
             return await self._stream(stream, plan, chunks, len(ask.questions), include_usage,
                                       rid, admit, ask.route,
                                       stored if self.serving.storing(req, True) else None)
         results = await self._run(http, plan, ask, params, adapter, rid, admit)
         body = ChatCompletion(
             id=new_id("chatcmpl"), created=now(), model=model, choices=chat_choices(results),
-            usage=steered_usage(results),
+            usage=steered_usage(results), service_tier=req.tier_used(),
             steering_trace=self._traces(results, rid) if plan.trace else None,
         )
         data = body.model_dump()
