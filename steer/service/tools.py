@@ -22,14 +22,15 @@ import json
 import logging
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from steer.critics.schemas import check_schema
-from steer.engine import Constraint
+from steer.engine import Constraint, SamplingParams
 from steer.service import structured
 from steer.service.errors import APIError, bad_request
 from steer.service.protocol import (
+    AssistantMessage,
     CallFunction,
     ChatCompletionRequest,
     ChatMessage,
@@ -235,6 +236,36 @@ def _dicts(node: Any) -> Iterator[dict[str, Any]]:
             stack.extend(item)
 
 
+# -- what the engine and the strategies get ---------------------------------------------------
+
+# Strategies that keep the conversation (and so its tools) and the constraint on every
+# candidate, and pick a whole candidate: the returned answer is one of the calls generated.
+STEERABLE = frozenset({"none", "best_of_n", "self_consistency"})
+
+
+def with_constraint(params: SamplingParams, plan: ToolPlan | None) -> SamplingParams:
+    """A forced call's schema is what decoding follows; it takes the place of a
+    `response_format` (which then applies to no content: a forced answer has none)."""
+    constraint = plan.constraint() if plan is not None else None
+    return params if constraint is None else replace(params, constraint=constraint)
+
+
+def check_steering(plan: ToolPlan | None, strategy: str) -> None:
+    """Which strategies can steer a tool call (400 naming the field otherwise)."""
+    if plan is None or strategy == "none":
+        return
+    if strategy not in STEERABLE:
+        raise bad_request(
+            f"tools: the steering strategy {strategy!r} does not work with tool calls (it "
+            "rewrites the conversation or composes an answer from several generations); "
+            f"use one of {', '.join(sorted(STEERABLE - {'none'}))}", "tools")
+    if not plan.constrained:
+        raise bad_request(
+            f"tool_choice: with the steering strategy {strategy!r}, ask for 'required' or a "
+            "named function: under 'auto' candidates may be text or calls, which neither a "
+            "vote nor a critic can compare", "tool_choice")
+
+
 # -- reading calls back -----------------------------------------------------------------------
 
 
@@ -303,6 +334,8 @@ class AutoParser:
         calls = [_call(c.function.name, c.function.arguments) for c in info.tool_calls]
         if not calls or any(c.function.name not in self.plan.names() for c in calls):
             return Parsed(text)  # a call of a function never offered is no call
+        if not self.plan.parallel:
+            calls = calls[:1]  # parallel_tool_calls: false means at most one call
         return Parsed(info.content or None, tuple(calls))
 
     def feed(self, delta_text: str) -> tuple[str | None, list[tuple[int, str | None, str]]]:
@@ -335,14 +368,30 @@ def vllm_parsers(name: str, tokenizer: Any) -> ParserFactory:
     return lambda plan: AutoParser(parser_cls, tokenizer, plan)
 
 
-def parse(plan: ToolPlan, text: str, parsers: ParserFactory | None) -> Parsed:
-    if plan.constrained:
-        return parse_forced(plan, text)
-    if parsers is None:
+def require_parser(plan: ToolPlan | None, parsers: ParserFactory | None) -> None:
+    """`auto` reads calls with a parser: without one, refuse before generating (400)."""
+    if plan is not None and not plan.constrained and parsers is None:
         raise APIError(400, "tool_choice 'auto' needs a tool-call parser, and this server has "
                        "none (--tool-call-parser); ask for 'required' or a named function",
                        param="tool_choice")
+
+
+def parse(plan: ToolPlan, text: str, parsers: ParserFactory | None) -> Parsed:
+    if plan.constrained:
+        return parse_forced(plan, text)
+    require_parser(plan, parsers)
+    assert parsers is not None
     return parsers(plan).parse(text)
+
+
+def answer(plan: ToolPlan | None, text: str, finish_reason: str,
+           parsers: ParserFactory | None) -> tuple[AssistantMessage, str]:
+    """A generation as the assistant message OpenAI returns, and its finish reason."""
+    if plan is None:
+        return AssistantMessage(content=text), finish_reason
+    parsed = parse(plan, text, parsers)
+    return (AssistantMessage(content=parsed.content, tool_calls=list(parsed.calls) or None),
+            parsed.finish_reason(finish_reason))
 
 
 # -- streaming ----------------------------------------------------------------------------------
@@ -374,8 +423,7 @@ class ToolStream:
     incremental reading held back."""
 
     def __init__(self, plan: ToolPlan, parsers: ParserFactory | None) -> None:
-        if not plan.constrained and parsers is None:
-            parse(plan, "", parsers)  # raises the same 400 as a non-streamed request
+        require_parser(plan, parsers)
         self.plan = plan
         self._parsers = parsers
         self._choices: dict[int, _Choice] = {}
@@ -406,7 +454,7 @@ class ToolStream:
             choice.content_sent = True
             deltas.append(Delta(content=content))
         for i, name, arguments in pieces:
-            if i not in choice.calls and not name:
+            if (i not in choice.calls and not name) or (i > 0 and not self.plan.parallel):
                 continue  # arguments before a name: wait for the whole parse
             deltas.append(self._piece(choice, i, name or choice.calls[i].name, arguments))
         return deltas

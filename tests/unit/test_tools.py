@@ -348,6 +348,10 @@ def test_json_normal_form() -> None:
     assert json_value('{"a": ') is None and json_value("[" * 100_000) is None
 
 
+def no_adapters(name: str) -> Any:
+    raise AssertionError(f"unexpected adapter {name}")
+
+
 @pytest.mark.anyio
 async def test_self_consistency_votes_on_the_normalised_call() -> None:
     from steer.engine import Message, SamplingParams
@@ -357,7 +361,7 @@ async def test_self_consistency_votes_on_the_normalised_call() -> None:
     plan = plan_for("required", parallel=False)
     constraint = plan.constraint()
     engine = FakeEngine(max_model_len=4096)
-    steerer = Steerer(engine, Limits(), TemplateLibrary(), lambda name: None)
+    steerer = Steerer(engine, Limits(), TemplateLibrary(), no_adapters)
     paris = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
     engine.enqueue(paris, '{"arguments":{"city":"Paris"},"name":"get_weather"}',
                    '{"name": "get_weather", "arguments": {"city": "Rome"}}')
@@ -370,3 +374,91 @@ async def test_self_consistency_votes_on_the_normalised_call() -> None:
     assert engine.history[0].params.constraint == constraint
     (call,) = parse_forced(plan, result.text).calls
     assert json.loads(call.function.arguments) == {"city": "Paris"}
+
+
+# -- the HTTP edge (scripted engine, app in-process) -------------------------------------------
+
+CHAT = "/v1/chat/completions"
+
+
+def body(**fields: Any) -> dict[str, Any]:
+    return {"model": "fake-model", "messages": [{"role": "user", "content": "weather?"}],
+            "tools": [WEATHER, TIME], "max_tokens": 20, **fields}
+
+
+def sse(resp: Any) -> list[dict[str, Any]]:
+    return [json.loads(line[6:]) for line in resp.text.splitlines()
+            if line.startswith("data: ") and line != "data: [DONE]"]
+
+
+@pytest.mark.anyio
+async def test_http_required_call(client: Any, fake_engine: Any) -> None:
+    fake_engine.enqueue('{"name": "get_weather", "arguments": {"city": "Oslo"}}')
+    r = await client.post(CHAT, json=body(tool_choice="required", parallel_tool_calls=False))
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    message = choice["message"]
+    assert message["content"] is None and message["role"] == "assistant"
+    (call,) = message["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    schema = json.loads(fake_engine.history[0].params.constraint.json_schema)
+    assert [o["properties"]["name"]["const"] for o in schema["oneOf"]] == ["get_weather",
+                                                                             "get_time"]
+
+
+@pytest.mark.anyio
+async def test_http_plain_answers_keep_their_shape(client: Any, fake_engine: Any) -> None:
+    fake_engine.enqueue("hello")
+    r = await client.post(CHAT, json={"model": "fake-model", "max_tokens": 5,
+                                      "messages": [{"role": "user", "content": "hi"}]})
+    message = r.json()["choices"][0]["message"]
+    assert message == {"role": "assistant", "content": "hello", "refusal": None}
+    assert fake_engine.history[0].params.constraint is None
+
+
+@pytest.mark.anyio
+async def test_http_named_call_streams(client: Any, fake_engine: Any) -> None:
+    fake_engine.enqueue('{"city": "Oslo"}')
+    r = await client.post(CHAT, json=body(stream=True, tool_choice={
+        "type": "function", "function": {"name": "get_weather"}}))
+    assert r.status_code == 200
+    chunks = sse(r)
+    deltas = [c["choices"][0] for c in chunks if c["choices"]]
+    assert deltas[0]["delta"] == {"role": "assistant", "content": ""}
+    pieces = [p for d in deltas for p in d["delta"].get("tool_calls", [])]
+    assert pieces[0]["id"].startswith("call_") and pieces[0]["type"] == "function"
+    assert pieces[0]["function"]["name"] == "get_weather"
+    assert all(set(p) == {"index", "function"} for p in pieces[1:])
+    arguments = "".join(p["function"].get("arguments", "") for p in pieces)
+    assert json.loads(arguments) == {"city": "Oslo"}
+    assert deltas[-1]["finish_reason"] == "tool_calls"
+    assert all("content" not in d["delta"] for d in deltas[1:])
+
+
+@pytest.mark.anyio
+async def test_http_auto_needs_a_parser(client: Any) -> None:
+    # The scripted engine has no tokenizer, so the server has no tool parser for `auto`.
+    r = await client.post(CHAT, json=body())
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+
+
+@pytest.mark.anyio
+async def test_http_bad_tool_history(client: Any) -> None:
+    history = [{"role": "user", "content": "x"},
+               {"role": "tool", "tool_call_id": "call_9", "content": "y"}]
+    r = await client.post(CHAT, json=body(messages=history, tool_choice="none"))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.1"
+
+
+def test_auto_without_parallel_calls_keeps_the_first(hermes: Any) -> None:
+    two = ('<tool_call>\n{"name": "get_time", "arguments": {"zone": "A"}}\n</tool_call>\n'
+           '<tool_call>\n{"name": "get_time", "arguments": {"zone": "B"}}\n</tool_call>')
+    assert len(parse(plan_for("auto"), two, hermes).calls) == 2
+    (call,) = parse(plan_for("auto", parallel=False), two, hermes).calls
+    assert json.loads(call.function.arguments) == {"zone": "A"}
+    stream = ToolStream(plan_for("auto", parallel=False), hermes)
+    deltas = [d for i in range(0, len(two), 5) for d in stream.feed(0, two[i:i + 5])]
+    rest, _ = stream.finish(0, "stop")
+    assert list(reassemble(deltas + rest)) == [0]
