@@ -1,16 +1,19 @@
 """The store's list queries when rows tie (several replicas writing in the same second, or
 the same microsecond), the file-delete vs job-create race at every interleaving, and the
-number of statements a job listing costs. SQLite, file-backed (real separate connections)."""
+number of statements a job listing costs. SQLite, file-backed (real separate connections);
+with STEER_TEST_DATABASE_URL (an empty PostgreSQL database, e.g.
+postgresql+asyncpg://steer@/steer_gaps?host=/tmp/pg) the store tests run there too."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event, update
+from sqlalchemy import event, text, update
 from sqlalchemy.util import await_only
 
 from steer.store import Database
@@ -22,9 +25,18 @@ pytestmark = pytest.mark.anyio
 ROWS = 25
 
 
-@pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[Database]:
-    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'gaps.db'}")
+DATABASES = ["sqlite", *(["postgresql"] if os.environ.get("STEER_TEST_DATABASE_URL") else [])]
+
+
+@pytest.fixture(params=DATABASES)
+async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
+    if request.param == "sqlite":
+        database = Database(f"sqlite+aiosqlite:///{tmp_path / 'gaps.db'}")
+    else:
+        database = Database(os.environ["STEER_TEST_DATABASE_URL"])
+        async with database.engine.begin() as conn:  # a fresh schema for every test
+            await conn.execute(text("DROP SCHEMA public CASCADE"))
+            await conn.execute(text("CREATE SCHEMA public"))
     await database.start()
     yield database
     await database.close()
