@@ -227,12 +227,6 @@ def _request_rules(schemas: dict[str, Any]) -> None:
         {"if": _present("top_logprobs"),
          "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}},
     ]
-    # Completions take no strategy: only the plain spec, `{"strategy": "none"}`.
-    schemas["CompletionRequest"]["properties"]["steering"] = {"anyOf": [{"type": "null"}, {
-        "type": "object", "additionalProperties": False, "properties": {
-            "strategy": {"const": "none"}, "options": {"type": "object", "maxProperties": 0},
-            "critic": {"type": "null"}, "budget": {"type": "null"},
-            "template": {"type": "null"}, "trace": {"const": False}}}]}
     schemas["CompletionRequest"]["allOf"] = [
         stream_only,
         {"if": {"required": ["echo"], "properties": {"echo": {"const": True}}},

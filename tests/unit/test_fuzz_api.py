@@ -93,7 +93,7 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", server,
 
 
 def steered(body: Any) -> bool:
-    """Does this chat body ask for a strategy (in any of the accepted forms)?"""
+    """Does this body ask for a strategy (in any of the accepted forms)?"""
     if not isinstance(body, dict):
         return False
     spec = body.get("steering")
@@ -119,7 +119,7 @@ def beyond_the_document(case: schemathesis.Case) -> bool:
     generation = case.path in ("/v1/chat/completions", "/v1/completions")
     return generation and isinstance(case.body, dict) and (
         case.body.get("min_tokens") is not None
-        or (case.path == "/v1/chat/completions" and steered(case.body)))
+        or steered(case.body))
 
 
 @schema.parametrize()
