@@ -18,7 +18,9 @@ Implemented here or through the types below:
 
 Refused with a 400 naming the field (`REFUSED`, and the value rules in `VALUE_REASONS`):
 output audio, moderation, predicted outputs, web search, explicit prompt-cache breakpoints
-and lifetimes, image/audio/file input parts (the served model takes text only).
+and lifetimes, image/audio/file input parts (the served model takes text only), and
+`stream_options.include_obfuscation: true` (no padding of streamed chunks: a client that asks
+for that side-channel mitigation is told it does not get it; `false` is accepted).
 
 Not here: `tools`, `tool_choice`, `parallel_tool_calls`, `functions` (tool calling) and
 `response_format` (structured outputs) have their own modules.
@@ -104,6 +106,8 @@ VALUE_REASONS: dict[str, str] = {
     "best_of": "for best-of-n, ask for steering {\"strategy\": \"best_of_n\"} on "
                "/v1/chat/completions",
     "suffix": "the model has no fill-in-the-middle (insert) mode",
+    "stream_options.include_obfuscation": "streamed chunks are not padded here (no "
+                                          "`obfuscation` field); send false or leave it out",
 }
 # Fields whose nested positions are not fields: an error anywhere inside names the field.
 _WHOLE = ("logit_bias", "modalities")

@@ -56,6 +56,7 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    include_obfuscation: Literal[False] | None = None  # no padding to turn on (fields.py)
 
 
 class SteeringSpec(_Request):

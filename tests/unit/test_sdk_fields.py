@@ -272,3 +272,15 @@ async def test_a_refusal_belongs_to_assistant_messages(
     client: httpx.AsyncClient, message: dict[str, Any], param: str
 ) -> None:
     await refused(client, chat(messages=[message]), param)
+
+
+async def test_stream_obfuscation_is_refused_when_asked_for(
+    client: httpx.AsyncClient, fake_engine: FakeEngine
+) -> None:
+    message = await refused(client, chat(stream=True, stream_options={
+        "include_obfuscation": True}), "stream_options.include_obfuscation")
+    assert "not padded" in message
+    fake_engine.enqueue("ok")
+    r = await client.post(CHAT, json=chat(stream=True, stream_options={
+        "include_obfuscation": False, "include_usage": True}))
+    assert r.status_code == 200 and "obfuscation" not in r.text
