@@ -69,7 +69,8 @@ def requested(req: ChatCompletionRequest | CompletionRequest) -> Structured | No
     """The constraint a request asks for (None: free text). Validated here, except for what
     only the engine knows (see `check`)."""
     fmt = req.response_format
-    if isinstance(fmt, JsonObjectFormat | JsonSchemaFormat) and req.structured_outputs:
+    if isinstance(fmt, JsonObjectFormat | JsonSchemaFormat) and (
+            req.structured_outputs is not None):
         raise bad_request("use response_format or structured_outputs, not both",
                           "structured_outputs")
     if isinstance(fmt, JsonSchemaFormat):

@@ -108,8 +108,10 @@ def beyond_the_document(case: schemathesis.Case) -> bool:
     """Is this a schema-valid request the server may still refuse with a 400, for a reason
     no schema can state? A steering spec (the search layer's plugins check rules across
     options, the planned-call cap, a budget too small for any answer), `min_tokens` above
-    the token limit, an adapter path that is not an adapter directory on this machine, or an
-    uploaded file whose lines are not training lines."""
+    the token limit, an adapter path that is not an adapter directory on this machine, an
+    uploaded file whose lines are not training lines, or a structured-output constraint (a
+    JSON Schema, regex or grammar is checked as what it is, beyond "an object" or "a
+    string")."""
     if case.path == "/v1/files" and case.method.upper() == "POST":
         return True  # every line of the file is checked against a training format
     if case.path == "/v1/load_lora_adapter":
@@ -118,8 +120,14 @@ def beyond_the_document(case: schemathesis.Case) -> bool:
         return True  # valid filters may match no stored completion: a 400 that says so
     generation = case.path in ("/v1/chat/completions", "/v1/completions")
     return generation and isinstance(case.body, dict) and (
-        case.body.get("min_tokens") is not None
+        case.body.get("min_tokens") is not None or constrained(case.body)
         or steered(case.body))
+
+
+def constrained(body: dict[str, Any]) -> bool:
+    fmt = body.get("response_format")
+    return body.get("structured_outputs") is not None or (
+        isinstance(fmt, dict) and fmt.get("type") == "json_schema")
 
 
 @schema.parametrize()

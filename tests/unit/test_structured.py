@@ -13,7 +13,14 @@ from vllm.sampling_params import StructuredOutputsParams
 
 from steer.engine import Constraint, EngineRequestError, Message, SamplingParams
 from steer.engine.vllm_engine import VllmEngine, VllmEngineConfig, _finish, _structured_outputs
-from steer.search import Limits, Steerer, SteeringSpec, SteerResult, TemplateLibrary
+from steer.search import (
+    BudgetExhausted,
+    Limits,
+    Steerer,
+    SteeringSpec,
+    SteerResult,
+    TemplateLibrary,
+)
 from steer.service.errors import APIError
 from steer.service.protocol import ChatCompletionRequest, CompletionRequest
 from steer.service.structured import constraint_for_schema, param_of, requested
@@ -306,3 +313,17 @@ async def test_tot_keeps_a_call_for_the_constrained_answer(engine: FakeEngine,
                        budget={"max_model_calls": 4})
     assert result.text == '{"n": 4}' and result.model_calls == 4
     assert constraints(engine)[-1] == CONSTRAINED.constraint
+
+
+async def test_a_search_cut_short_never_falls_back_on_an_unconstrained_thought(
+        engine: FakeEngine, steerer: Steerer) -> None:
+    # The budget pays for the thought and its value, not for the constrained answer: the
+    # thought (free text) is no answer to fall back on.
+    engine.respond = lambda prompt, params: (
+        '{"n": 4}' if params.constraint else
+        "sure" if "sure, likely or impossible" in str(prompt) else "a step")
+    with pytest.raises(BudgetExhausted, match="before any answer"):
+        await run(steerer, SamplingParams(max_tokens=8, constraint=CONSTRAINED.constraint),
+                  strategy="tot", options={"breadth": 1, "depth": 1, "n_evaluate": 1},
+                  budget={"max_total_tokens": 72})
+    assert constraints(engine) == [None, None]
