@@ -96,7 +96,11 @@ def create_app(
     registry = adapters or build_registry(settings, engine, model_dir=None)
     request_adapters = RequestAdapters(registry, metrics)
     admin = AdapterAdmin(registry, metrics)
-    state = EngineState(engine, after_start=lambda: admin.load_startup(settings.lora_modules))
+    async def after_start() -> None:
+        serving.load_tool_parsers()  # needs the loaded engine's tokenizer
+        await admin.load_startup(settings.lora_modules)
+
+    state = EngineState(engine, after_start=after_start)
     db = Database(settings.db_url())
     recorder = Recorder(db, settings.store, metrics)
     serving = Serving(engine, settings, metrics, admission, request_adapters, recorder)

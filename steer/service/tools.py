@@ -454,8 +454,10 @@ class ToolStream:
             choice.content_sent = True
             deltas.append(Delta(content=content))
         for i, name, arguments in pieces:
-            if (i not in choice.calls and not name) or (i > 0 and not self.plan.parallel):
-                continue  # arguments before a name: wait for the whole parse
+            if i not in choice.calls and name not in self.plan.names():
+                continue  # no name yet, or one never offered: the whole parse decides
+            if i > 0 and not self.plan.parallel:
+                continue
             deltas.append(self._piece(choice, i, name or choice.calls[i].name, arguments))
         return deltas
 

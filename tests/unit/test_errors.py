@@ -48,8 +48,11 @@ def assert_error(r: httpx.Response, status: int, param: str | None, code: str | 
         ({"model": "fake-model", "messages": []}, "messages"),
         ({"model": "fake-model"}, "messages"),
         ({"messages": MSG}, "model"),
-        ({"model": "fake-model", "messages": [{"role": "tool", "content": "x"}]},
+        ({"model": "fake-model", "messages": [{"role": "function", "content": "x"}]},
          "messages.0.role"),
+        ({"model": "fake-model", "messages": [{"role": "tool", "content": "x"}]},
+         "messages.0.tool_call_id"),
+        (chat(tools=[]), "tools"),
         ({"model": "fake-model", "messages": [{"role": "user", "content": 5}]},
          "messages.0.content"),
         ({"model": "fake-model", "messages": [
@@ -64,7 +67,7 @@ async def test_invalid_values_name_the_field(
 
 
 async def test_unknown_field_is_refused_by_name(client: httpx.AsyncClient) -> None:
-    err = assert_error(await client.post(CHAT, json=chat(tools=[])), 400, "tools")
+    err = assert_error(await client.post(CHAT, json=chat(toolz=[])), 400, "toolz")
     assert "Unrecognized request argument" in err["message"]
 
 
