@@ -253,6 +253,29 @@ def _field_rules(schemas: dict[str, Any]) -> None:
             "refusal": {"type": "null"},
             "content": {"anyOf": [{"type": "string"}, text_parts, {"type": "null"}]}}},
     })
+    _tool_rules(schemas)
+
+
+def _tool_rules(schemas: dict[str, Any]) -> None:
+    """The per-message and per-request rules of tool calling (`tools.check_history`,
+    `tools.plan_tools`) that a schema can state: calls on assistant messages only, a
+    `tool_call_id` on tool messages only and always there, `tool_choice` only with `tools`.
+    (That a tool message answers an earlier call, and that a named choice is among the
+    tools, are rules across values no schema states.)"""
+    def role_is(role: str) -> dict[str, Any]:
+        return {"properties": {"role": {"const": role}}}
+
+    def role_is_not(role: str) -> dict[str, Any]:
+        return {"properties": {"role": {"not": {"const": role}}}}
+
+    schemas["ChatMessage"]["allOf"].extend([
+        {"if": role_is_not("assistant"), "then": {"properties": {"tool_calls": {
+            "anyOf": [{"type": "null"}, {"type": "array", "maxItems": 0}]}}}},
+        {"if": role_is_not("tool"), "then": {"properties": {"tool_call_id": {"type": "null"}}}},
+        {"if": role_is("tool"), "then": _present("tool_call_id")},
+    ])
+    schemas["ChatCompletionRequest"].setdefault("allOf", []).append(
+        {"if": _present("tool_choice"), "then": _present("tools")})
 
 
 def _security(doc: dict[str, Any], settings: Settings) -> None:

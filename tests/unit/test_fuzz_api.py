@@ -109,9 +109,9 @@ def beyond_the_document(case: schemathesis.Case) -> bool:
     no schema can state? A steering spec (the search layer's plugins check rules across
     options, the planned-call cap, a budget too small for any answer), `min_tokens` above
     the token limit, an adapter path that is not an adapter directory on this machine, an
-    uploaded file whose lines are not training lines, or a structured-output constraint (a
+    uploaded file whose lines are not training lines, a structured-output constraint (a
     JSON Schema, regex or grammar is checked as what it is, beyond "an object" or "a
-    string")."""
+    string"), or tools and tool turns (`tool_bound`)."""
     if case.path == "/v1/files" and case.method.upper() == "POST":
         return True  # every line of the file is checked against a training format
     if case.path == "/v1/load_lora_adapter":
@@ -121,7 +121,16 @@ def beyond_the_document(case: schemathesis.Case) -> bool:
     generation = case.path in ("/v1/chat/completions", "/v1/completions")
     return generation and isinstance(case.body, dict) and (
         case.body.get("min_tokens") is not None or constrained(case.body)
-        or steered(case.body))
+        or steered(case.body) or tool_bound(case.body))
+
+
+def tool_bound(body: dict[str, Any]) -> bool:
+    """Tools or tool turns: rules across values (a tool message answers an earlier call's
+    id, tool names are unique, a named tool_choice is among the tools, a function's
+    parameters are a JSON Schema) that the document can't state."""
+    messages = body.get("messages")
+    return body.get("tools") is not None or (isinstance(messages, list) and any(
+        isinstance(m, dict) and m.get("role") == "tool" for m in messages))
 
 
 def constrained(body: dict[str, Any]) -> bool:

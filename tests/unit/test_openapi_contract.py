@@ -120,6 +120,12 @@ CHAT_CASES: list[dict[str, Any]] = [
     {"messages": [{"role": "user", "name": "ann", "content": [{"type": "text", "text": "x"}]}]},
     {"messages": [{"role": "user", "content": [{"type": "image_url",
                                                 "image_url": {"url": "x"}}]}]},
+    {"messages": [{"role": "system", "content": "s", "tool_call_id": "c"}, *USER]},
+    {"messages": [{"role": "user", "content": "x", "tool_calls": []}]},
+    {"messages": [{"role": "user", "content": "x", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
+    {"messages": [*USER, {"role": "tool", "content": "42"}]},
+    {"tool_choice": "auto"}, {"tool_choice": None},
 ]
 COMPLETION_CASES: list[dict[str, Any]] = [
     {"logit_bias": {"5": -1}}, {"logit_bias": {"-5": 1}}, {"best_of": 1}, {"best_of": 2},
