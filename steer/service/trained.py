@@ -111,12 +111,12 @@ class TrainedAdapters:
             row = await adapter_store.get_adapter(self.db, name)
         except NotFound:
             row = None
-        if row is None or row.status != "ready":
-            if name in self.registry.names():
-                raise APIError(403, f"'{name}' was not trained by Steer (it was loaded at "
-                               "startup or through the admin API); unload it with POST "
-                               "/v1/unload_lora_adapter.", param="model",
-                               code="model_not_deletable")
+        if row is None and name in self.registry.names():
+            raise APIError(403, f"'{name}' was not trained by Steer (it was loaded at "
+                           "startup or through the admin API); unload it with POST "
+                           "/v1/unload_lora_adapter.", param="model",
+                           code="model_not_deletable")
+        if row is None or row.status != "ready":  # (deleted, or refused: never served)
             raise APIError(404, f"The model '{name}' does not exist.",
                            type="not_found_error", param="model", code="model_not_found")
         job = await self._job(row.job_id)
