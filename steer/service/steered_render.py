@@ -25,6 +25,7 @@ from steer.service.serving import (
     _chat_logprobs,
     _completion_logprobs,
 )
+from steer.service.tools import Answer
 
 
 def steered_usage(results: Sequence[SteerResult]) -> Usage:
@@ -45,10 +46,16 @@ def steered_usage(results: Sequence[SteerResult]) -> Usage:
     return usage
 
 
-def chat_choices(results: Sequence[SteerResult]) -> list[ChatChoice]:
-    return [ChatChoice(index=r.index, message=AssistantMessage(content=r.text),
-                       logprobs=_chat_logprobs(r.logprobs), finish_reason=r.finish_reason)
-            for r in results]
+def chat_choices(results: Sequence[SteerResult], answer: Answer | None = None
+                 ) -> list[ChatChoice]:
+    """`answer`: a request with tools reads each result as content or calls (`tools.py`)."""
+    choices = []
+    for r in results:
+        message, finish = (answer(r.text, r.finish_reason) if answer is not None
+                           else (AssistantMessage(content=r.text), r.finish_reason))
+        choices.append(ChatChoice(index=r.index, message=message,
+                                  logprobs=_chat_logprobs(r.logprobs), finish_reason=finish))
+    return choices
 
 
 def completion_choices(results: Sequence[SteerResult], echo: Sequence[str]
@@ -85,10 +92,13 @@ class SteeredChunks:
             return []
         return self.out.delta(replace(d, finish_reason=None))
 
-    def finish(self, result: SteerResult, steering: dict[str, Any] | None) -> str:
+    def finish(self, result: SteerResult, steering: dict[str, Any] | None) -> list[str]:
         if isinstance(self.out, ChatRenderer):
-            return self.out.finish(result.finish_reason, steering, result.index)
-        return self.out.finish(result.finish_reason, result.index)
+            if self.out.tools is not None:  # what the call stream held back, then the finish
+                return self.out.tool_events(result.index, "", result.finish_reason,
+                                            steering=steering)
+            return [self.out.finish(result.finish_reason, steering, result.index)]
+        return [self.out.finish(result.finish_reason, result.index)]
 
     def usage(self, usage: Usage) -> str:
         return self.out.usage(usage)

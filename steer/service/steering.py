@@ -31,6 +31,7 @@ from steer.search import (
     stream_many,
     with_reasoning_effort,
 )
+from steer.service import tools
 from steer.service.admission import Admission
 from steer.service.errors import APIError, bad_request, from_engine_error, from_search_error
 from steer.service.limits import check_prompts, request_key
@@ -216,9 +217,14 @@ class SteeredChat:
         self, req: ChatCompletionRequest, http: Request, spec: SteeringSpec, model: str,
         adapter: AdapterRef | None,
     ) -> Any:
+        calls = tools.plan_tools(req)
+        tools.check_steering(calls, spec.strategy)
+        parsers = self.serving.tool_parsers
+        answer = tools.answerer(calls, parsers)
         ask = chat_ask(req)
         plan = await self._plan(spec, ask)
-        params = replace(self.serving.sampling(req, ask.max_tokens, ask.logprobs), n=1)
+        params = tools.with_constraint(
+            replace(self.serving.sampling(req, ask.max_tokens, ask.logprobs), n=1), calls)
         admit = await self._admit(plan, params, ask)
         rid = new_id("steer")
         adapter_name = adapter.name if adapter else None
@@ -230,17 +236,19 @@ class SteeredChat:
                        trace: dict[str, Any] | None) -> None:
                 self.serving.record(Finished(req, ChatCompletion(
                     id=out.id, created=out.created, model=model, usage=steered_usage(results),
-                    service_tier=req.tier_used(), choices=chat_choices(results),
+                    service_tier=req.tier_used(), choices=chat_choices(results, answer),
                 ), adapter_name, spec, trace or results[0].trace,
                     choice_id(rid, 0, len(results))))
 
-            chunks = SteeredChunks(ChatRenderer(model, req.tier_used()))
+            chunks = SteeredChunks(ChatRenderer(
+                model, req.tier_used(), tools.ToolStream(calls, parsers) if calls else None))
             return await self._stream(stream, plan, chunks, len(ask.questions), include_usage,
                                       rid, admit, ask.route,
                                       stored if self.serving.storing(req, True) else None)
         results = await self._run(http, plan, ask, params, adapter, rid, admit)
         body = ChatCompletion(
-            id=new_id("chatcmpl"), created=now(), model=model, choices=chat_choices(results),
+            id=new_id("chatcmpl"), created=now(), model=model,
+            choices=chat_choices(results, answer),
             usage=steered_usage(results), service_tier=req.tier_used(),
             steering_trace=self._traces(results, rid) if plan.trace else None,
         )
@@ -296,7 +304,7 @@ class SteeredChat:
                 yield event
             first_token = True
             results: list[SteerResult] = []
-            traces: list[dict[str, Any]] = []
+            traces: dict[int, dict[str, Any]] = {}
             async for item in stream:
                 if isinstance(item, Progress):
                     for event in out.progress(item.event, item.index):
@@ -310,12 +318,15 @@ class SteeredChat:
                 else:
                     results.append(item)
                     trace = self._trace(item, rid, count) if plan.trace else None
-                    traces.extend([trace] if trace else [])
-                    yield out.finish(item, {"trace": trace} if trace and out.chat else None)
+                    if trace is not None:
+                        traces[item.index] = trace
+                    for event in out.finish(item, {"trace": trace} if trace and out.chat
+                                            else None):
+                        yield event
             results.sort(key=lambda r: r.index)
             self._count(name, results, time.perf_counter() - start, route)
             if on_results is not None and isinstance(out.out, ChatRenderer):
-                on_results(out.out, results, traces[0] if traces else None)
+                on_results(out.out, results, traces.get(results[0].index))
             if include_usage:
                 yield out.usage(steered_usage(results))
 

@@ -384,6 +384,17 @@ def parse(plan: ToolPlan, text: str, parsers: ParserFactory | None) -> Parsed:
     return parsers(plan).parse(text)
 
 
+Answer = Callable[[str, str], tuple[AssistantMessage, str]]
+
+
+def answerer(plan: ToolPlan | None, parsers: ParserFactory | None) -> Answer | None:
+    """`answer` for one request (None without tools: the text is the content)."""
+    if plan is None:
+        return None
+    require_parser(plan, parsers)
+    return lambda text, finish_reason: answer(plan, text, finish_reason, parsers)
+
+
 def answer(plan: ToolPlan | None, text: str, finish_reason: str,
            parsers: ParserFactory | None) -> tuple[AssistantMessage, str]:
     """A generation as the assistant message OpenAI returns, and its finish reason."""

@@ -462,3 +462,49 @@ def test_auto_without_parallel_calls_keeps_the_first(hermes: Any) -> None:
     deltas = [d for i in range(0, len(two), 5) for d in stream.feed(0, two[i:i + 5])]
     rest, _ = stream.finish(0, "stop")
     assert list(reassemble(deltas + rest)) == [0]
+
+
+@pytest.mark.anyio
+async def test_http_self_consistency_over_calls(client: Any, fake_engine: Any) -> None:
+    oslo = '{"name": "get_weather", "arguments": {"city": "Oslo"}}'
+    fake_engine.enqueue(oslo, '{"arguments": {"city": "Oslo"}, "name": "get_weather"}',
+                        '{"name": "get_time", "arguments": {"zone": "CET"}}')
+    r = await client.post(CHAT, json=body(
+        tool_choice="required", parallel_tool_calls=False,
+        steering={"strategy": "self_consistency", "options": {"k": 3}, "trace": True}))
+    assert r.status_code == 200, r.text
+    data = r.json()
+    choice = data["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather"
+    assert max(data["steering_trace"]["votes"].values()) == 2
+    assert fake_engine.history[0].params.constraint is not None
+
+
+@pytest.mark.anyio
+async def test_http_steered_call_streams(client: Any, fake_engine: Any) -> None:
+    fake_engine.enqueue('{"city": "Oslo"}', '{"city": "Rome"}')
+    r = await client.post(CHAT, json=body(
+        stream=True, tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        steering={"strategy": "best_of_n", "options": {"n": 2}}))
+    assert r.status_code == 200
+    deltas = [c["choices"][0] for c in sse(r) if c["choices"]]
+    calls = reassemble([Delta.model_validate(d["delta"]) for d in deltas])
+    assert calls[0]["name"] == "get_weather"
+    assert json.loads(calls[0]["arguments"]) in ({"city": "Oslo"}, {"city": "Rome"})
+    assert deltas[-1]["finish_reason"] == "tool_calls"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("steering", "choice", "param"), [
+    ({"strategy": "tot"}, "required", "tools"),
+    ({"strategy": "debate"}, "required", "tools"),
+    ({"strategy": "best_of_n"}, "auto", "tool_choice"),
+])
+async def test_http_steering_that_cannot_steer_calls(client: Any, steering: dict[str, Any],
+                                                     choice: str, param: str) -> None:
+    r = await client.post(CHAT, json=body(tool_choice=choice, steering=steering))
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and steering["strategy"] in error["message"]
