@@ -109,6 +109,10 @@ VALUE_REASONS: dict[str, str] = {
     "stream_options.include_obfuscation": "streamed chunks are not padded here (no "
                                           "`obfuscation` field); send false or leave it out",
 }
+# Why a value of a given type is refused, where the type is one OpenAI takes and we don't.
+TYPE_REASONS: dict[tuple[str, str], str] = {
+    ("prompt", "string_type"): "prompts are text here; token-id prompts are not supported",
+}
 # Fields whose nested positions are not fields: an error anywhere inside names the field.
 _WHOLE = ("logit_bias", "modalities")
 _INDEX = re.compile(r"\.\d+$")
@@ -132,7 +136,7 @@ def refusal_reason(param: str | None, error_type: str | None) -> str | None:
     if error_type == "extra_forbidden":
         return REFUSED.get(last)
     field = _INDEX.sub("", param)
-    return VALUE_REASONS.get(field)
+    return VALUE_REASONS.get(field) or TYPE_REASONS.get((field, error_type or ""))
 
 
 def logit_bias_pairs(bias: Mapping[str, float] | None) -> tuple[tuple[int, float], ...]:

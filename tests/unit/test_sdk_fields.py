@@ -284,3 +284,12 @@ async def test_stream_obfuscation_is_refused_when_asked_for(
     r = await client.post(CHAT, json=chat(stream=True, stream_options={
         "include_obfuscation": False, "include_usage": True}))
     assert r.status_code == 200 and "obfuscation" not in r.text
+
+
+@pytest.mark.parametrize("prompt", [[1, 2, 3], [[1, 2]]])
+async def test_token_id_prompts_are_refused_with_the_reason(
+    client: httpx.AsyncClient, prompt: Any
+) -> None:
+    message = await refused(client, {"model": "fake-model", "prompt": prompt}, "prompt.0",
+                            COMPLETIONS)
+    assert "token-id prompts are not supported" in message
