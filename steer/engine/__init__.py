@@ -26,6 +26,8 @@ from steer.engine.types import (
     StreamDelta,
     StreamEnd,
     TokenLogprob,
+    Tool,
+    ToolCall,
     TopLogprob,
 )
 
@@ -49,6 +51,8 @@ __all__ = [
     "StreamDelta",
     "StreamEnd",
     "TokenLogprob",
+    "Tool",
+    "ToolCall",
     "TopLogprob",
     "UnknownAdapter",
 ]

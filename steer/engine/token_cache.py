@@ -18,7 +18,11 @@ def prompt_key(prompt: Prompt) -> tuple[Hashable, int]:
     if isinstance(prompt, str):
         return prompt, len(prompt)
     messages = tuple(prompt)
-    return messages, sum(len(m.content) for m in messages)
+    # Tools and calls are part of what the template renders, so of the key and its size.
+    return messages, sum(len(m.content) + sum(len(c.arguments) for c in m.tool_calls)
+                         + sum(len(t.parameters or "") + len(t.description or "")
+                               for t in m.tools)
+                         for m in messages)
 
 
 class TokenCache:

@@ -9,14 +9,39 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
 FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A function call an assistant turn made (OpenAI's shape)."""
+
+    id: str
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A function the model may call, as the chat template renders it."""
+
+    name: str
+    description: str | None = None
+    parameters: str | None = None  # a JSON Schema, serialized
 
 
 @dataclass(frozen=True)
 class Message:
     role: Role
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    name: str | None = None  # the participant's (a tool message: the function that answered)
+    # The tools offered in this conversation, carried by its first message: the engine
+    # renders them through the chat template, and a strategy that passes the conversation
+    # on passes its tools on with it.
+    tools: tuple[Tool, ...] = ()
 
 
 # A chat (list of messages, rendered with the model's chat template) or a raw text prompt.
@@ -90,6 +115,9 @@ class Generation:
     index: int = 0
     logprobs: tuple[TokenLogprob, ...] | None = None
     cached_tokens: int | None = None  # prompt tokens served from the prefix cache (None: unknown)
+    # The text as the engine produced it: (text, tokens) per step, joining to `text` (empty:
+    # not recorded). A chosen candidate streams in these pieces, with its logprobs sliced.
+    pieces: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,13 @@ HTTP, admission control or metrics.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import threading
 import uuid
 from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,6 +41,7 @@ from steer.engine.types import (
     StreamDelta,
     StreamEnd,
     TokenLogprob,
+    Tool,
     TopLogprob,
 )
 
@@ -238,8 +240,12 @@ class VllmEngine(Engine):
         if isinstance(prompt, str):
             ids = tok.encode(prompt)
         else:
+            tools = [_tool_dict(t) for m in prompt for t in m.tools]
+            tool_turns = bool(tools) or any(m.tool_calls or m.role == "tool" for m in prompt)
             text = tok.apply_chat_template(
-                [_message_dict(m) for m in prompt], tokenize=False, add_generation_prompt=True
+                [_message_dict(m) for m in prompt], tools=tools or None,
+                chat_template=self._tool_template if tool_turns else None,
+                tokenize=False, add_generation_prompt=True,
             )
             # The template already placed every special token.
             ids = tok.encode(text, add_special_tokens=False)
@@ -354,17 +360,23 @@ class VllmEngine(Engine):
         lora = self._lora(adapter)
         sub_ids = [f"{rid}-{i}" for i in range(len(prompts))]
 
-        async def one(i: int) -> Any:
+        async def one(i: int) -> tuple[dict[int, _Collected], int | None]:
+            # Deltas, not the final output: the text as the engine produced it, step by
+            # step, is what a chosen candidate streams (steer.search.runner).
             ids, max_tokens = prepared[i]
-            final = None
+            seqs: dict[int, _Collected] = {}
+            cached = None
             async for out in llm.generate(
                 TokensPrompt(prompt_token_ids=ids),
-                self._vllm_params(params, max_tokens, delta=False),
+                self._vllm_params(params, max_tokens, delta=True),
                 sub_ids[i],
                 lora_request=lora,
             ):
-                final = out
-            return final
+                if out.num_cached_tokens is not None:
+                    cached = out.num_cached_tokens
+                for c in out.outputs:
+                    seqs.setdefault(c.index, _Collected()).add(c)
+            return seqs, cached
 
         self._groups[rid] = set(sub_ids)
         try:
@@ -375,18 +387,19 @@ class VllmEngine(Engine):
         finally:
             self._groups.pop(rid, None)
         gens: list[Generation] = []
-        for p_index, out in enumerate(outs):
-            for c in sorted(out.outputs, key=lambda c: c.index):
+        for p_index, (seqs, cached) in enumerate(outs):
+            for index, c in sorted(seqs.items()):
                 gens.extend(
                     Generation(
-                        text=c.text,
-                        prompt_tokens=len(out.prompt_token_ids or ()),
+                        text="".join(text for text, _ in c.pieces),
+                        prompt_tokens=len(prepared[p_index][0]),
                         completion_tokens=len(c.token_ids),
                         finish_reason=_finish(c.finish_reason, params),
                         prompt_index=p_index,
-                        index=c.index * copies + k,
+                        index=index * copies + k,
                         logprobs=_logprobs(c.token_ids, c.logprobs, params.logprobs),
-                        cached_tokens=out.num_cached_tokens,
+                        cached_tokens=cached,
+                        pieces=tuple(c.pieces),
                     )
                     for k in range(copies)
                 )
@@ -484,6 +497,27 @@ class VllmEngine(Engine):
         return list(self._adapters.values())
 
 
+@dataclass
+class _Collected:
+    """One sequence put back together from vLLM's deltas."""
+
+    pieces: list[tuple[str, int]] = field(default_factory=list)  # (text, tokens) a step
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[Any] | None = None
+    finish_reason: str | None = None
+
+    def add(self, c: Any) -> None:
+        if c.text or c.token_ids:
+            self.pieces.append((c.text, len(c.token_ids)))
+        self.token_ids.extend(c.token_ids)
+        if c.logprobs is not None:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(c.logprobs)
+        if c.finish_reason is not None:
+            self.finish_reason = c.finish_reason
+
+
 def _greedy_copies(params: SamplingParams) -> tuple[SamplingParams, int]:
     """vLLM refuses n > 1 with greedy sampling; OpenAI's API accepts it, and every answer is
     the same greedy one. So a greedy request for n answers is generated once and copied n
@@ -506,8 +540,38 @@ def _tool_template(setting: str, own: str | None) -> str | None:
     return path.read_text(encoding="utf-8")
 
 
-def _message_dict(m: Message) -> dict[str, str]:
-    return {"role": m.role, "content": m.content}
+def _message_dict(m: Message) -> dict[str, Any]:
+    d: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        d["tool_calls"] = [
+            {"id": c.id, "type": "function",
+             "function": {"name": c.name, "arguments": _arguments(c.arguments)}}
+            for c in m.tool_calls
+        ]
+    if m.role == "tool":
+        d["tool_call_id"] = m.tool_call_id
+    if m.name is not None:  # as vLLM's server passes it: templates that know names render it
+        d["name"] = m.name
+    return d
+
+
+def _arguments(text: str) -> Any:
+    """A call's arguments as chat templates expect them: an object (most render it with
+    `tojson`); text that is not a JSON object stays text."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return text
+    return value if isinstance(value, dict) else text
+
+
+def _tool_dict(tool: Tool) -> dict[str, Any]:
+    function: dict[str, Any] = {"name": tool.name}
+    if tool.description is not None:
+        function["description"] = tool.description
+    if tool.parameters is not None:
+        function["parameters"] = json.loads(tool.parameters)
+    return {"type": "function", "function": function}
 
 
 def _structured_outputs(constraint: Constraint | None) -> Any:

@@ -23,7 +23,6 @@ from steer.engine import (
     Engine,
     EngineError,
     Generation,
-    Message,
     Prompt,
     SamplingParams,
     StreamDelta,
@@ -195,7 +194,8 @@ class Serving:
         tools.require_parser(plan, self.tool_parsers)
         params = tools.with_constraint(self.sampling(req, req.max_tokens_field(), logprobs),
                                        plan)
-        messages = [to_message(m.role, m.text()) for m in req.messages]
+        await structured.check_request(self.engine, req, params.constraint)
+        messages = tools.engine_messages(req, plan)
         admit = Admit(self.work(sum(len(m.content) for m in messages), params.n,
                                 params.max_tokens), request_key(req.end_user()))
         adapter_name = adapter.name if adapter else None
@@ -253,6 +253,7 @@ class Serving:
         prompts = req.prompts()
         check_prompts(prompts, self.settings.max_prompts, self.settings.max_prompt_chars)
         params = self.sampling(req, ("max_tokens", req.max_tokens), req.logprobs)
+        await structured.check_request(self.engine, req, params.constraint)
         admit = Admit(self.work(sum(map(len, prompts)), len(prompts) * params.n,
                                 params.max_tokens), request_key(req.user))
         if req.stream:
@@ -569,10 +570,6 @@ class CompletionRenderer(Renderer):
 
     def usage(self, usage: Usage) -> str:
         return self._chunk([], usage)
-
-
-def to_message(role: str, content: str) -> Message:
-    return Message(role="system" if role == "developer" else role, content=content)  # type: ignore[arg-type]
 
 
 def _usage(gens: list[Generation]) -> Usage:

@@ -31,7 +31,7 @@ from steer.search import (
     stream_many,
     with_reasoning_effort,
 )
-from steer.service import tools
+from steer.service import structured, tools
 from steer.service.admission import Admission
 from steer.service.errors import APIError, bad_request, from_engine_error, from_search_error
 from steer.service.limits import check_prompts, request_key
@@ -55,7 +55,6 @@ from steer.service.serving import (
     Serving,
     cancel_on_disconnect,
     guarded_stream,
-    to_message,
 )
 from steer.service.steered_render import (
     SteeredChunks,
@@ -108,8 +107,8 @@ class Ask:
     user: str | None
 
 
-def chat_ask(req: ChatCompletionRequest) -> Ask:
-    messages = tuple(to_message(m.role, m.text()) for m in req.messages)
+def chat_ask(req: ChatCompletionRequest, calls: tools.ToolPlan | None = None) -> Ask:
+    messages = tuple(tools.engine_messages(req, calls))
     return Ask(CHAT, "messages", req.max_tokens_field(), (messages,) * req.n,
                (req.top_logprobs or 0) if req.logprobs else None, ("",) * req.n,
                req.end_user())
@@ -198,6 +197,7 @@ class SteeredChat:
         ask = completion_ask(req)
         plan = await self._plan(spec, ask)
         params = replace(self.serving.sampling(req, ask.max_tokens, ask.logprobs), n=1)
+        await structured.check_request(self.serving.engine, req, params.constraint)
         admit = await self._admit(plan, params, ask)
         rid = new_id("steer")
         if req.stream:
@@ -221,10 +221,11 @@ class SteeredChat:
         tools.check_steering(calls, spec.strategy)
         parsers = self.serving.tool_parsers
         answer = tools.answerer(calls, parsers)
-        ask = chat_ask(req)
+        ask = chat_ask(req, calls)
         plan = await self._plan(spec, ask)
         params = tools.with_constraint(
             replace(self.serving.sampling(req, ask.max_tokens, ask.logprobs), n=1), calls)
+        await structured.check_request(self.serving.engine, req, params.constraint)
         admit = await self._admit(plan, params, ask)
         rid = new_id("steer")
         adapter_name = adapter.name if adapter else None

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from steer.critics.schemas import check_schema
-from steer.engine import Constraint, SamplingParams
+from steer.engine import Constraint, Message, SamplingParams, Tool
+from steer.engine import ToolCall as EngineToolCall
 from steer.service import structured
 from steer.service.errors import APIError, bad_request
 from steer.service.protocol import (
@@ -241,6 +242,30 @@ def _dicts(node: Any) -> Iterator[dict[str, Any]]:
 # Strategies that keep the conversation (and so its tools) and the constraint on every
 # candidate, and pick a whole candidate: the returned answer is one of the calls generated.
 STEERABLE = frozenset({"none", "best_of_n", "self_consistency"})
+
+
+def engine_messages(req: ChatCompletionRequest, plan: ToolPlan | None) -> list[Message]:
+    """The conversation as the engine renders it: calls and results in their own fields,
+    and the tools (unless `tool_choice` is `none`) on its first message."""
+    out = [
+        Message(
+            role="system" if m.role == "developer" else m.role,
+            content=m.text(),
+            tool_calls=tuple(EngineToolCall(c.id, c.function.name, c.function.arguments)
+                             for c in m.tool_calls or ()),
+            tool_call_id=m.tool_call_id,
+            name=m.name,
+        )
+        for m in req.messages
+    ]
+    if plan is not None:
+        offered = tuple(
+            Tool(t.function.name, t.function.description,
+                 None if t.function.parameters is None else json.dumps(t.function.parameters))
+            for t in plan.tools
+        )
+        out[0] = replace(out[0], tools=offered)
+    return out
 
 
 def with_constraint(params: SamplingParams, plan: ToolPlan | None) -> SamplingParams:
