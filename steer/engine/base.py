@@ -20,6 +20,7 @@ from collections.abc import AsyncGenerator, Sequence
 from steer.engine.types import (
     AdapterRef,
     Capabilities,
+    Constraint,
     EngineHealth,
     Generation,
     Prompt,
@@ -145,3 +146,8 @@ class Engine(ABC):
 
     def adapters(self) -> list[AdapterRef]:
         return []
+
+    async def check_constraint(self, constraint: Constraint) -> None:  # noqa: B027 - optional
+        """Raise `EngineRequestError` for a decoding constraint this backend cannot
+        enforce, before any generation (so a refusal is never a failure mid-search or
+        mid-stream). The default accepts every constraint."""

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from steer.critics.schemas import check_schema
-from steer.engine import Constraint
-from steer.service.errors import bad_request
+from steer.engine import Constraint, Engine, EngineRequestError
+from steer.service.errors import APIError, bad_request
 from steer.service.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -90,15 +90,18 @@ def constraint_of(req: ChatCompletionRequest | CompletionRequest) -> Constraint 
     return asked.constraint if asked else None
 
 
-def param_of(req: ChatCompletionRequest | CompletionRequest) -> str:
-    """The field a request's constraint came from (what an engine refusal names)."""
+def param_of(req: ChatCompletionRequest | CompletionRequest) -> str | None:
+    """The field a request's constraint came from (what an engine refusal names); None
+    when it asks for none."""
     if isinstance(req.response_format, JsonSchemaFormat):
         return SCHEMA_PARAM
     if isinstance(req.response_format, JsonObjectFormat):
         return "response_format"
     so = req.structured_outputs
+    if so is None:
+        return None
     for name in ("json", "regex", "choice", "grammar", "json_object"):
-        if so is not None and getattr(so, "json_spec" if name == "json" else name) is not None:
+        if getattr(so, "json_spec" if name == "json" else name) is not None:
             return f"structured_outputs.{name}"
     return "structured_outputs"
 
@@ -141,3 +144,28 @@ def _vllm_form(so: StructuredOutputs) -> Structured:
 def _bounded(text: str, limit: int, param: str) -> None:
     if len(text) > limit:
         raise bad_request(f"{param} is {len(text)} characters; at most {limit}", param)
+
+
+async def check_request(engine: Engine, req: ChatCompletionRequest | CompletionRequest,
+                        constraint: Constraint | None) -> None:
+    """`check` for the constraint a request asked for itself (response_format or
+    structured_outputs), when it is the one its sampling params carry (a forced tool call's
+    takes its place; `tools` checks its own)."""
+    param = param_of(req)
+    if constraint is not None and param is not None and constraint == constraint_of(req):
+        await check(engine, constraint, param)
+
+
+async def check(engine: Engine, constraint: Constraint, param: str) -> None:
+    """The engine's own verdict on `constraint` (what its backend cannot enforce: a regex
+    with lookaround, a schema keyword it does not implement, an unsatisfiable schema), as
+    a 400 naming `param`, the field that asked for it."""
+    try:
+        await engine.check_constraint(constraint)
+    except EngineRequestError as exc:
+        raise unsupported(exc, param) from exc
+
+
+def unsupported(exc: EngineRequestError, param: str) -> APIError:
+    return bad_request(f"{param} cannot be enforced by this server's structured-output "
+                       f"backend: {exc}", param, code="unsupported_structured_output")

@@ -21,9 +21,12 @@ from steer.search import (
     SteerResult,
     TemplateLibrary,
 )
+from steer.service.app import create_app
 from steer.service.errors import APIError
 from steer.service.protocol import ChatCompletionRequest, CompletionRequest
+from steer.service.settings import Settings
 from steer.service.structured import constraint_for_schema, param_of, requested
+from tests.asgi import running
 from tests.fakes import FakeEngine
 
 pytestmark = pytest.mark.anyio
@@ -327,3 +330,30 @@ async def test_a_search_cut_short_never_falls_back_on_an_unconstrained_thought(
                   strategy="tot", options={"breadth": 1, "depth": 1, "n_evaluate": 1},
                   budget={"max_total_tokens": 72})
     assert constraints(engine) == [None, None]
+
+
+class RefusingEngine(FakeEngine):
+    """A backend that cannot enforce regexes (as vLLM's cannot enforce lookaround)."""
+
+    async def check_constraint(self, constraint: Constraint) -> None:
+        if constraint.regex is not None:
+            raise EngineRequestError("look-around is not supported", "structured_outputs")
+
+
+@pytest.mark.parametrize("path, extra", [
+    (CHAT, {}), (CHAT, {"stream": True}),
+    (CHAT, {"stream": True, "steering": {"strategy": "best_of_n", "options": {"n": 2}}}),
+    (COMPLETIONS, {"prompt": "x"}),
+])
+async def test_what_the_backend_cannot_enforce_is_refused_before_any_call(
+        settings: Settings, path: str, extra: dict[str, Any]) -> None:
+    engine = RefusingEngine(max_model_len=4096)
+    body = {"model": "fake-model", **({} if path == COMPLETIONS else {"messages": MSG}),
+            "structured_outputs": {"regex": "(?=a)a"}, **extra}
+    async with running(create_app(settings, engine)) as client:
+        r = await client.post(path, json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["param"], error["code"]) == ("structured_outputs.regex",
+                                               "unsupported_structured_output")
+    assert "look-around" in error["message"] and not engine.history
