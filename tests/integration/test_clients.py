@@ -33,10 +33,10 @@ OPTILLM_DIR = Path(__file__).parents[1] / "third_party" / "optillm"
 OPTILLM_SUITE = OPTILLM_DIR / "test_api_compatibility.py"
 OPTILLM_SHA256 = "f5ef25f1f016c6580e90d0e0638bd944d47f7dd93d276ffae961f3c4763d0a81"
 OPTILLM_TESTS = 9
-# Enough for a short answer or a small constrained object from the 135M model; the clients'
-# own prompts (DSPy's field markers, instructor's schema) are longer than ours.
+# Enough for a short answer, or for a small constrained object from the 135M model: it
+# pretty-prints JSON, and every newline and indent is a token (64 cut objects off).
 SHORT = 24
-OBJECT = 64
+OBJECT = 128
 CLIENT_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
@@ -170,27 +170,38 @@ def test_instructor_returns_the_pydantic_model(
 # -- DSPy --------------------------------------------------------------------------------------
 
 
-def dspy_lm(base_url: str) -> Any:
+@pytest.fixture
+def dspy_lm(base_url: str, client_env: None) -> Iterator[Any]:
+    """A DSPy LM for this server. DSPy sends `response_format` only to models its capability
+    table knows support it (an unknown model behind `openai/` gets none, so its JSON adapter
+    fallback is unconstrained); `register_provider` is DSPy's own way to state that an
+    OpenAI-compatible server does (its "vllm" wire preset: Steer speaks vLLM's dialect)."""
+    import dspy
+    from dspy import lm15
+
+    access = lm15.AccessPolicy(provider="steer", env_keys=("STEER_API_KEY",),
+                               base_url="http://localhost:8000/v1")  # the preset's; see api_base
+    lm15.register_provider(lm15.ProviderDefinition.chat(access, compat="vllm"),
+                           supports=lm15.ModelSupport(response_schema=True))
+    try:
+        yield dspy.LM(f"steer/{MODEL}", api_base=base_url, api_key="unused", temperature=0,
+                      max_tokens=OBJECT, cache=False, num_retries=0)
+    finally:
+        lm15.unregister_provider("steer")
+
+
+def test_dspy_predict_returns_the_output_field(dspy_lm: Any) -> None:
     import dspy
 
-    return dspy.LM(f"openai/{MODEL}", api_base=base_url, api_key="unused", temperature=0,
-                   max_tokens=2 * OBJECT, cache=False, num_retries=0)
-
-
-def test_dspy_predict_returns_the_output_field(base_url: str, client_env: None) -> None:
-    import dspy
-
-    with dspy.context(lm=dspy_lm(base_url)):
+    with dspy.context(lm=dspy_lm):
         prediction = dspy.Predict("question -> answer")(question="What is the capital of France?")
     assert isinstance(prediction.answer, str) and prediction.answer.strip(), prediction
 
 
-def test_dspy_chain_of_thought_returns_reasoning_and_answer(
-    base_url: str, client_env: None
-) -> None:
+def test_dspy_chain_of_thought_returns_reasoning_and_answer(dspy_lm: Any) -> None:
     import dspy
 
-    with dspy.context(lm=dspy_lm(base_url)):
+    with dspy.context(lm=dspy_lm):
         prediction = dspy.ChainOfThought("question -> answer")(question="What is 2 + 3?")
     assert isinstance(prediction.reasoning, str) and prediction.reasoning.strip(), prediction
     assert isinstance(prediction.answer, str) and prediction.answer.strip(), prediction
@@ -274,7 +285,8 @@ def test_optillm_api_compatibility_suite_passes(base_url: str, tmp_path: Path) -
            "OPTILLM_TEST_BASE_URL": base_url, "OPTILLM_TEST_MODEL": MODEL}
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-c", str(OPTILLM_DIR / "pytest.ini"),
-         "--rootdir", str(OPTILLM_DIR), f"--junitxml={report}", "-q", str(OPTILLM_SUITE)],
+         "--rootdir", str(OPTILLM_DIR), f"--junitxml={report}", "-q", "--durations=3",
+         str(OPTILLM_SUITE)],
         env=env, capture_output=True, text=True, timeout=300, check=False)
     cases = ET.parse(report).getroot().iter("testcase")
     failed = {case.get("name"): [child.get("message") for child in case]
