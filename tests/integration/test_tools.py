@@ -165,10 +165,16 @@ def test_tool_result_in_the_history(oai: openai.OpenAI, tokenizer: Any) -> None:
     message = second.choices[0].message
     assert message.content or message.tool_calls
     # The engine rendered the tools and both tool turns through the packaged template.
+    # As the engine hands them to the template: arguments as an object, tools without the
+    # `strict` flag (decoding enforces schemas; the model is not told).
+    as_rendered = [dict(m, content=m.get("content") or "") for m in history]
+    as_rendered[1]["tool_calls"] = [{"id": call.id, "type": "function", "function": {
+        "name": call.function.name, "arguments": json.loads(call.function.arguments)}}]
+    offered = [{"type": "function", "function": {k: v for k, v in t["function"].items()
+                                                 if k != "strict"}} for t in TOOLS]
     rendered = tokenizer.apply_chat_template(
-        [{**m, "content": m.get("content") or ""} for m in history],
-        tools=TOOLS, chat_template=STEER_TOOL_TEMPLATE.read_text(), tokenize=False,
-        add_generation_prompt=True)
+        as_rendered, tools=offered, chat_template=STEER_TOOL_TEMPLATE.read_text(),
+        tokenize=False, add_generation_prompt=True)
     assert "<tool_response>\nSunny, 21 degrees.\n</tool_response>" in rendered
     assert second.usage is not None
     assert second.usage.prompt_tokens == len(tokenizer.encode(rendered,
