@@ -192,8 +192,13 @@ class VllmEngine(Engine):
             enable_prefix_caching=cfg.enable_prefix_caching,
             max_num_seqs=cfg.max_num_seqs,
             max_logprobs=MAX_LOGPROBS,
+            # A schema that doesn't say `additionalProperties` (pydantic's, instructor's,
+            # llm's) would let a small model invent keys until max_tokens: generate only the
+            # properties a schema lists, as OpenAI's structured outputs do (answers are still
+            # validated against the schema as sent). Only the guidance backend has this knob.
             structured_outputs_config=StructuredOutputsConfig(
-                backend=cfg.structured_outputs_backend),
+                backend=cfg.structured_outputs_backend,
+                disable_additional_properties=cfg.structured_outputs_backend == "guidance"),
             **extra,
         )
         return AsyncLLM.from_engine_args(args)
