@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from steer.engine import Message
+from steer.engine.vllm_engine import _message_dict
 from steer.service.protocol import ChatCompletionRequest
 from tests.fakes import FakeEngine
 
@@ -259,8 +260,15 @@ async def test_an_assistant_refusal_is_what_the_assistant_said(
     ]))
     assert r.status_code == 200, r.text
     assert fake_engine.history[-1].prompts[0] == [
-        Message("user", "a"), Message("assistant", "well\nI can't"),
+        Message("user", "a", name="ann"), Message("assistant", "well\nI can't"),
         Message("assistant", "No."), Message("user", "b")]
+
+
+def test_a_name_reaches_the_chat_template_as_vllm_passes_it() -> None:
+    """Templates that know participants' names render them (SmolLM2's ChatML ignores them)."""
+    assert _message_dict(Message("user", "a", name="ann")) == {
+        "role": "user", "content": "a", "name": "ann"}
+    assert "name" not in _message_dict(Message("user", "a"))
 
 
 @pytest.mark.parametrize(("message", "param"), [
