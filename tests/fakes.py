@@ -154,6 +154,8 @@ class FakeEngine(Engine):
                     text=text, prompt_tokens=self.count_prompt_tokens(prompt),
                     completion_tokens=len(words), finish_reason=finish,  # type: ignore[arg-type]
                     prompt_index=i, index=j, logprobs=self._logprobs(words, params.logprobs, lp),
+                    # one step a word, as the fake streams them (the text, when it is that)
+                    pieces=tuple(((" " if k else "") + w, 1) for k, w in enumerate(words)),
                 ))
         return gens
 

@@ -323,7 +323,8 @@ class Steerer:
                 final.node.chosen = True
                 gen = ctx.outputs.get(final.node.id)
                 if stream_final:
-                    for delta in _answer_deltas(final.node.text, gen, index):
+                    for delta in _answer_deltas(final.node.text, gen, index,
+                                                ctx.params.logprobs is not None):
                         yield delta
                 yield self._result(
                     ctx, final.node.text, final.finish_reason, exhausted, index,
@@ -371,7 +372,8 @@ class Steerer:
                 text, tokens = best.text, gen.completion_tokens if gen else best.tokens
                 logprobs = list(gen.logprobs or ()) if gen else []
                 if stream_final:
-                    for delta in _answer_deltas(text, gen, index):
+                    for delta in _answer_deltas(text, gen, index,
+                                                ctx.params.logprobs is not None):
                         yield delta
             exhausted, finish = True, "length"
         node = ctx.trace.add("final", text, parent=final.parent, chosen=True, tokens=tokens,
@@ -408,9 +410,20 @@ def _best_so_far(ctx: Context, exc: BudgetExhausted) -> Node:
     return max(mean, key=lambda pair: pair[0])[1]
 
 
-def _answer_deltas(text: str, gen: Generation | None, index: int) -> list[StreamDelta]:
-    """An already-chosen answer as deltas for streaming."""
-    return [StreamDelta(index=index, text=piece, new_tokens=0) for piece in _pieces(text)]
+def _answer_deltas(text: str, gen: Generation | None, index: int, with_logprobs: bool,
+                   ) -> list[StreamDelta]:
+    """An already-chosen answer as deltas for streaming: the engine's own steps (each with
+    its tokens' logprobs, when the client asked) when the answer is one generation's text as
+    the engine made it; else the text in small chunks. (No tokens counted: the session has
+    them already.)"""
+    if gen is None or not gen.pieces or "".join(t for t, _ in gen.pieces) != text:
+        return [StreamDelta(index=index, text=piece, new_tokens=0) for piece in _pieces(text)]
+    deltas, at = [], 0
+    for piece, tokens in gen.pieces:
+        logprobs = gen.logprobs[at:at + tokens] if with_logprobs and gen.logprobs else None
+        deltas.append(StreamDelta(index=index, text=piece, new_tokens=0, logprobs=logprobs))
+        at += tokens
+    return deltas
 
 
 def _pieces(text: str, size: int = 16) -> list[str]:

@@ -201,3 +201,30 @@ async def test_a_steered_completion_refuses_what_a_plain_one_does(
     r = await client.post(COMPLETIONS, json={
         "model": "fake-model", "prompt": ["a", "b"], "stream": True, "steering": BON2})
     assert (r.status_code, r.json()["error"]["param"]) == (400, "prompt")
+
+
+# -- streamed answers -------------------------------------------------------------------------
+
+
+async def test_a_chosen_candidate_streams_as_the_engine_made_it(
+    client: httpx.AsyncClient, fake_engine: FakeEngine
+) -> None:
+    fake_engine.enqueue(("a worse answer here", -2.0), ("the answer is 42", -0.1))
+    r = await client.post(CHAT, json=chat(stream=True, logprobs=True, steering=BON2))
+    chunks = [c for c in chunks_of(r) if c["choices"] and c["choices"][0]["delta"].get("content")]
+    # One chunk per engine step (a word to the fake), not the text re-cut into pieces.
+    assert [c["choices"][0]["delta"]["content"] for c in chunks] == ["the", " answer", " is",
+                                                                     " 42"]
+    assert [[t["token"] for t in c["choices"][0]["logprobs"]["content"]] for c in chunks] == [
+        ["the"], ["answer"], ["is"], ["42"]]
+
+
+async def test_a_chosen_candidate_streams_without_logprobs_unless_asked(
+    client: httpx.AsyncClient, fake_engine: FakeEngine
+) -> None:
+    fake_engine.enqueue(("one two", -0.1), ("three", -1.0))
+    r = await client.post(CHAT, json=chat(stream=True, steering=BON2))
+    chunks = [c for c in chunks_of(r) if c["choices"] and c["choices"][0]["delta"].get("content")]
+    assert [c["choices"][0]["delta"]["content"] for c in chunks] == ["one", " two"]
+    assert all(c["choices"][0]["logprobs"] is None for c in chunks)
+
