@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
@@ -33,6 +33,16 @@ async def client(fake_engine: FakeEngine, settings: Settings) -> AsyncIterator[h
     async with running(create_app(settings, fake_engine)) as c:
         yield c
 
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The same for servers a module or session fixture starts (those start before any
+    per-test fixture runs)."""
+    db = tmp_path_factory.mktemp("session-store") / "steer.db"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STEER_DATABASE_URL", f"sqlite+aiosqlite:///{db}")
+        yield
 
 
 @pytest.fixture(autouse=True)
