@@ -174,6 +174,13 @@ class SteeredChat:
     async def _admit(self, plan: Plan, params: SamplingParams, ask: Ask) -> Admit:
         """Refuse a question that can't fit the context; weigh every choice's search."""
         engine = self.serving.engine
+        searches, most = len(ask.questions), self.serving.settings.max_n
+        if searches > most:
+            # One search per choice, each with its own budget, all started at once: bounded
+            # like n itself, so prompts x n can't multiply a request past admission's cap.
+            raise bad_request(
+                f"a steered request runs one search per choice: {searches} (prompts x n) "
+                f"here, at most {most} on this server", "n")
         lengths: dict[tuple[Message, ...], int] = {}
         for q in ask.questions:
             if q not in lengths:
@@ -182,6 +189,14 @@ class SteeredChat:
                     raise from_engine_error(PromptTooLong(lengths[q], None, engine.max_model_len),
                                             ask.prompt_param)
         work = sum(self._work(plan, params, lengths[q]) for q in ask.questions)
+        lim = self.serving.admission.limits
+        if searches > 1 and work > lim.heavy_share * lim.capacity:
+            # Admission caps one request's weight at the heavy share (so one big search can
+            # still run alone); several searches together must fit under it as they are.
+            raise bad_request(
+                f"{searches} searches of this size need up to {work} tokens of work together; "
+                f"one request may hold at most {int(lim.heavy_share * lim.capacity)} on this "
+                "server: lower n, the strategy's size or its budget", "n")
         return Admit(work, request_key(ask.user))
 
     async def steered_completion(

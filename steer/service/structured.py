@@ -148,12 +148,14 @@ def _bounded(text: str, limit: int, param: str) -> None:
 
 async def check_request(engine: Engine, req: ChatCompletionRequest | CompletionRequest,
                         constraint: Constraint | None) -> None:
-    """`check` for the constraint a request asked for itself (response_format or
-    structured_outputs), when it is the one its sampling params carry (a forced tool call's
-    takes its place; `tools` checks its own)."""
+    """`check` for the constraint its sampling params carry, before anything is generated or
+    streamed: the one the request asked for itself (response_format or structured_outputs)
+    names that field; any other is a forced tool call's and names `tools`."""
+    if constraint is None:
+        return
     param = param_of(req)
-    if constraint is not None and param is not None and constraint == constraint_of(req):
-        await check(engine, constraint, param)
+    own = param is not None and constraint == constraint_of(req)
+    await check(engine, constraint, param if own and param is not None else "tools")
 
 
 async def check(engine: Engine, constraint: Constraint, param: str) -> None:

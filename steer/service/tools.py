@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from steer.critics.schemas import check_schema
+from steer.critics.schemas import MAX_SCHEMA_BYTES, check_schema
 from steer.engine import Constraint, Message, SamplingParams, Tool
 from steer.engine import ToolCall as EngineToolCall
 from steer.service import structured
@@ -129,6 +129,12 @@ def plan_tools(req: ChatCompletionRequest) -> ToolPlan | None:
                               f"tools.{i}.function.name")
         seen.add(name)
         _check_parameters(tool, f"tools.{i}.function.parameters")
+    total = sum(len(json.dumps(parameters_of(t))) for t in tools)
+    if total > MAX_SCHEMA_BYTES:
+        # Every schema is checked (and rendered into the prompt) per request: the tools
+        # together get the bound one schema has.
+        raise bad_request(f"tools: the functions' parameters are {total} bytes as JSON "
+                          f"together; at most {MAX_SCHEMA_BYTES}", "tools")
     if choice == "none":
         return None
     parallel = req.parallel_tool_calls is not False  # OpenAI's default: true
@@ -208,8 +214,9 @@ def _hoisted(schema: dict[str, Any], i: int, defs: dict[str, Any], param: str) -
     for key in ("$defs", "definitions"):
         own.update(schema.pop(key, None) or {})
     root = f"tool{i}"
-    for node in [*refs, *(n for d in own.values() for n in _dicts(d)
-                          if isinstance(n.get("$ref"), str))]:
+    # `refs` already holds the references inside the definitions (found before they were
+    # popped): each is rewritten once.
+    for node in refs:
         node["$ref"] = _moved_ref(node["$ref"], root)
     for key, sub in own.items():
         defs[f"{root}_{key}"] = sub

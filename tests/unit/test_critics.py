@@ -155,3 +155,23 @@ async def test_injected_candidate_never_beats_a_correct_answer() -> None:
         plan = steerer.plan(spec)
         result = await steerer.run(plan, question, SamplingParams(max_tokens=64), None, "r")
         assert "42" in result.text and "ignore the rubric" not in result.text
+
+
+def test_a_schema_that_passed_is_not_checked_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One request checks its schema at the edge, in its tool plan and in each search's gate.
+    import jsonschema
+
+    from steer.critics.schemas import check_schema
+
+    calls = []
+    real = jsonschema.Draft202012Validator.check_schema
+    monkeypatch.setattr(jsonschema.Draft202012Validator, "check_schema",
+                        classmethod(lambda cls, s, **kw: (calls.append(1), real(s, **kw))[1]))
+    schema = {"type": "object", "properties": {"memo_test": {"type": "integer"}}}
+    for _ in range(3):
+        assert check_schema(dict(schema)) == schema
+    assert len(calls) == 1
+    with pytest.raises(ValueError):
+        check_schema({"type": 12})
+    with pytest.raises(ValueError):  # a refusal is not remembered as a pass
+        check_schema({"type": 12})

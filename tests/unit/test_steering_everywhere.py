@@ -228,3 +228,32 @@ async def test_a_chosen_candidate_streams_without_logprobs_unless_asked(
     assert [c["choices"][0]["delta"]["content"] for c in chunks] == ["one", " two"]
     assert all(c["choices"][0]["logprobs"] is None for c in chunks)
 
+
+
+async def test_searches_per_request_are_bounded(client: httpx.AsyncClient,
+                                                fake_engine: FakeEngine) -> None:
+    # One search per choice: prompts x n searches, at most max_n (4 in these settings).
+    r = await client.post(COMPLETIONS, json={"model": "fake-model", "prompt": ["a", "b", "c"],
+                                             "n": 2, "max_tokens": 4, "steering": BON2})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "n"
+    assert fake_engine.history == []
+
+
+async def test_searches_together_must_fit_one_requests_share(fake_engine: FakeEngine) -> None:
+    # Admission caps one request at the heavy share of its capacity; n searches together
+    # may not exceed it (one search alone still may: the cap lets it run by itself).
+    from steer.service.app import create_app
+    from steer.service.settings import Settings
+    from tests.asgi import running
+
+    settings = Settings(max_n=4, max_tokens_cap=32, max_inflight_tokens=4000)
+    body = {"model": "fake-model", "messages": MSG, "max_tokens": 32,
+            "steering": {"strategy": "best_of_n", "options": {"n": 64}}}
+    async with running(create_app(settings, fake_engine)) as c:
+        r = await c.post(CHAT, json=body | {"n": 2})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "n"
+        assert fake_engine.history == []
+        r = await c.post(CHAT, json=body)
+        assert r.status_code == 200, r.text

@@ -508,3 +508,55 @@ async def test_http_steering_that_cannot_steer_calls(client: Any, steering: dict
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == param and steering["strategy"] in error["message"]
+
+
+class Geo(BaseModel):
+    lat: float
+
+
+class Place(BaseModel):
+    geo: Geo
+
+
+class Trip(BaseModel):
+    to: Place
+
+
+def test_required_keeps_references_between_definitions() -> None:
+    # Two levels of nested models: a definition that refers to another definition.
+    tool = {"type": "function", "function": {"name": "go",
+                                             "parameters": Trip.model_json_schema()}}
+    plan = plan_tools(request(tools=[tool], tool_choice="required", parallel_tool_calls=False))
+    assert plan is not None and plan.schema is not None
+    assert set(plan.schema["$defs"]) == {"tool0", "tool0_Place", "tool0_Geo"}
+    assert valid(plan.schema, {"name": "go", "arguments": {"to": {"geo": {"lat": 1.5}}}})
+    assert not valid(plan.schema, {"name": "go", "arguments": {"to": {"geo": {"lat": "x"}}}})
+
+
+def test_tools_together_are_bounded_like_one_schema() -> None:
+    # Each tool's parameters fit the schema cap; 16 of them don't, in any mode.
+    big = {"type": "object", "properties": {f"p{i}": {"type": "string",
+                                                      "description": "d" * 300}
+                                            for i in range(100)}}
+    tools = [{"type": "function", "function": {"name": f"f{i}", "parameters": big}}
+             for i in range(16)]
+    refused("tools", tools=tools)
+
+
+@pytest.mark.anyio
+async def test_http_forced_call_the_backend_cannot_enforce_is_a_400_before_streaming(
+    client: Any, fake_engine: Any
+) -> None:
+    from steer.engine import EngineRequestError
+
+    async def refuse(constraint: Any) -> None:
+        raise EngineRequestError("uniqueItems is not supported")
+
+    fake_engine.check_constraint = refuse
+    r = await client.post("/v1/chat/completions", json={
+        "model": "fake-model", "messages": [{"role": "user", "content": "hi"}],
+        "tools": [WEATHER], "tool_choice": "required", "stream": True,
+        "steering": {"strategy": "best_of_n", "options": {"n": 2}}})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "tools"
+    assert fake_engine.history == []
