@@ -21,16 +21,8 @@ from steer.search.base import (
     StrategyOptions,
     register_strategy,
 )
+from steer.search.constrained import answer_extractor
 from steer.search.trace import Node
-
-
-def _vote_on(opts: SelfConsistency.Options, ctx: Context) -> str:
-    """The extractor a vote uses: the client's, else JSON's normal form for JSON output."""
-    constraint = ctx.params.constraint
-    if "extract" not in opts.model_fields_set and constraint is not None and (
-            constraint.json_schema is not None or constraint.json_object):
-        return "json"
-    return opts.extract
 
 
 def _mean_lp(node: Node) -> float:
@@ -137,7 +129,8 @@ class SelfConsistency(Strategy):
     async def run(self, ctx: Context) -> Final:
         opts = self.options
         assert isinstance(opts, SelfConsistency.Options)
-        extract = extractor(_vote_on(opts, ctx), opts.pattern)
+        extract = answer_extractor(ctx.constraint, opts.extract, opts.pattern,
+                                   chosen="extract" in opts.model_fields_set)
         # The critic only breaks ties, so it gets no room kept: the vote comes first.
         k = ctx.affordable(opts.k, lambda k: k)
         if k == 0:
